@@ -1,0 +1,5 @@
+import sys
+
+from pibl.cli import main
+
+sys.exit(main())

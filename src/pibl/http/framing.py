@@ -1,0 +1,66 @@
+"""Serialising message heads and bodies. PIBL re-frames everything it forwards (RFC 9112 §6):
+CRLF line endings, exactly one framing header, never the peer's bytes copied verbatim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from http import HTTPStatus
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+# RFC 9110 §15.5.21 (421) exists in HTTPStatus; 499 is nginx's log-only "client closed request".
+REASONS.setdefault(499, b"Client Closed Request")
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+# Statuses whose responses never carry content (RFC 9110 §6.4.1).
+NO_CONTENT_STATUSES = frozenset({204, 304})
+
+
+def response_has_body(request_method: str, status: int) -> bool:
+    """Whether a response of ``status`` to ``request_method`` carries content (RFC 9112 §6.3)."""
+    return not (request_method == "HEAD" or status < 200 or status in NO_CONTENT_STATUSES)
+
+
+def serialize_headers(parts: list[bytes], headers: Iterable[tuple[bytes, bytes]]) -> None:
+    for name, value in headers:
+        parts += (name, b": ", value, CRLF)
+
+
+def request_head_bytes(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    serialize_headers(parts, headers)
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def response_head_bytes(
+    status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes = b""
+) -> bytes:
+    # PIBL always speaks HTTP/1.1 (RFC 9110 §6.2: a server sends its highest conformant version).
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+    serialize_headers(parts, headers)
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> list[bytes]:
+    """One chunk of a chunked body (RFC 9112 §7.1), as pieces for ``writelines``."""
+    return [b"%x\r\n" % len(data), data, CRLF]
+
+
+def error_response(status: int, message: str = "", *, close: bool = True) -> bytes:
+    """A small plain-text response PIBL sends on its own behalf (errors, 404 from routing)."""
+    reason = REASONS.get(status, b"Error")
+    body = f"{status} {reason.decode()}{': ' + message if message else ''}\n".encode(
+        "utf-8", "replace"
+    )
+    headers: list[tuple[bytes, bytes]] = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Cache-Control", b"no-store"),
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    return response_head_bytes(status, headers, reason) + body

@@ -1,0 +1,162 @@
+"""Message heads: the parsed start line and header fields of a request or a response.
+
+Header names keep the case they arrived in (HTTP field names are case-insensitive, RFC 9110
+§5.1, but some old servers are not); every lookup lowercases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of the field ``name`` (given in lower case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def get_all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Every value of the field ``name`` (given in lower case), in order."""
+    return [value for key, value in headers if key.lower() == name]
+
+
+def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    """The lower-cased comma-separated tokens of every ``name`` field (e.g. ``Connection``)."""
+    tokens: set[bytes] = set()
+    for key, value in headers:
+        if key.lower() == name:
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return tokens
+
+
+def get_cookie(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of cookie ``name`` from the ``Cookie`` fields (RFC 6265 §5.4), or None."""
+    for key, value in headers:
+        if key.lower() != b"cookie":
+            continue
+        for pair in value.split(b";"):
+            cookie_name, sep, cookie_value = pair.strip().partition(b"=")
+            if sep and cookie_name == name:
+                return cookie_value
+    return None
+
+
+class RequestHead:
+    """A request as received from a downstream client.
+
+    ``target`` is the raw request-target (origin-form ``/path?query`` or absolute-form);
+    ``client_ip`` is the address of the peer that sent it, used by strategies that hash on it
+    and by the ``X-Forwarded-For`` rule.
+    """
+
+    __slots__ = (
+        "client_ip",
+        "content_length",
+        "expects_continue",
+        "headers",
+        "host",
+        "is_chunked",
+        "keep_alive",
+        "method",
+        "scheme",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        version: str,
+        headers: Headers,
+        *,
+        client_ip: str = "",
+        scheme: str = "http",
+        keep_alive: bool = True,
+        content_length: int | None = None,
+        is_chunked: bool = False,
+        host: bytes = b"",
+        expects_continue: bool = False,
+        upgrade: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.is_chunked = is_chunked
+        self.host = host
+        self.expects_continue = expects_continue
+        self.upgrade = upgrade
+
+    @property
+    def has_body(self) -> bool:
+        return self.is_chunked or bool(self.content_length)
+
+    @property
+    def path(self) -> bytes:
+        """The path part of an origin-form target (absolute-form is reduced to its path)."""
+        target = self.target
+        if not target.startswith(b"/"):
+            scheme_end = target.find(b"://")
+            if scheme_end >= 0:
+                slash = target.find(b"/", scheme_end + 3)
+                target = target[slash:] if slash >= 0 else b"/"
+        query = target.find(b"?")
+        return target if query < 0 else target[:query]
+
+    def header(self, name: bytes) -> bytes | None:
+        return get_header(self.headers, name)
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method} {self.target!r} HTTP/{self.version}>"
+
+
+class ResponseHead:
+    """A response head as received from an upstream server (or built by PIBL)."""
+
+    __slots__ = (
+        "content_length",
+        "headers",
+        "is_chunked",
+        "keep_alive",
+        "reason",
+        "status",
+        "version",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        headers: Headers,
+        *,
+        reason: bytes = b"",
+        version: str = "1.1",
+        keep_alive: bool = True,
+        content_length: int | None = None,
+        is_chunked: bool = False,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.reason = reason
+        self.version = version
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.is_chunked = is_chunked
+
+    def header(self, name: bytes) -> bytes | None:
+        return get_header(self.headers, name)
+
+    def __repr__(self) -> str:
+        return f"<ResponseHead {self.status}>"

@@ -1,0 +1,108 @@
+"""Header rules for a proxy: what to strip, what to add (RFC 9110 §7.6, RFC 7239, Go's
+``httputil.ReverseProxy``). Sanitising happens first and configured edits after it, so that a
+user's edit is never silently removed by the sanitiser.
+"""
+
+from __future__ import annotations
+
+from pibl.http.head import Headers, RequestHead, ResponseHead
+
+# RFC 9110 §7.6.1 plus the de-facto ones Go's ReverseProxy also removes (Proxy-Connection,
+# Keep-Alive, Proxy-Authenticate/-Authorization are single-hop by nature).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# PIBL re-frames every message, so the peer's Content-Length is replaced, never copied.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FORWARDED = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+VIA_VALUE = b"1.1 pibl"
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Headers:
+    """The header fields to send upstream for ``request`` (without framing fields).
+
+    Drops hop-by-hop fields and those listed in ``Connection``; drops client-sent
+    ``X-Forwarded-*``/``Forwarded`` unless the peer is a trusted proxy (spoofing); then appends
+    ``X-Forwarded-For/-Proto/-Host`` and ``Via``. ``Host`` is kept as the client sent it.
+    """
+    listed = _connection_tokens(request.headers)
+    out: Headers = []
+    prior_xff: list[bytes] = []
+    prior_via: list[bytes] = []
+    forwarded_host: bytes | None = None
+    forwarded_proto: bytes | None = None
+    has_host = False
+    for name, value in request.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in _FRAMING or lname in listed:
+            continue
+        if lname in _FORWARDED:
+            if not trusted_peer:
+                continue
+            if lname == b"x-forwarded-for":
+                prior_xff.append(value)
+                continue
+            if lname == b"x-forwarded-host":
+                forwarded_host = value
+                continue
+            if lname == b"x-forwarded-proto":
+                forwarded_proto = value
+                continue
+        elif lname == b"via":
+            prior_via.append(value)
+            continue
+        elif lname == b"host":
+            has_host = True
+        out.append((name, value))
+    if not has_host and request.host:
+        # HTTP/1.0 clients may omit Host; an absolute-form target still names it (RFC 9112 §3.2.2).
+        out.append((b"Host", request.host))
+    client = request.client_ip.encode("ascii")
+    out.append((b"X-Forwarded-For", b", ".join([*prior_xff, client]) if prior_xff else client))
+    out.append((b"X-Forwarded-Proto", forwarded_proto or request.scheme.encode("ascii")))
+    host = forwarded_host or request.header(b"host") or request.host
+    if host:
+        out.append((b"X-Forwarded-Host", host))
+    out.append((b"Via", b", ".join([*prior_via, VIA_VALUE]) if prior_via else VIA_VALUE))
+    if request.upgrade is not None:
+        # RFC 9110 §7.8: Upgrade is hop-by-hop, so the proxy re-sends it for this hop explicitly.
+        out.append((b"Connection", b"upgrade"))
+        out.append((b"Upgrade", request.upgrade))
+    return out
+
+
+def downstream_response_headers(response: ResponseHead) -> Headers:
+    """The upstream response's fields minus hop-by-hop and framing ones, plus ``Via``."""
+    listed = _connection_tokens(response.headers)
+    out: Headers = []
+    prior_via: list[bytes] = []
+    for name, value in response.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in _FRAMING or lname in listed:
+            continue
+        if lname == b"via":
+            prior_via.append(value)
+            continue
+        out.append((name, value))
+    out.append((b"Via", b", ".join([*prior_via, VIA_VALUE]) if prior_via else VIA_VALUE))
+    return out

@@ -1,0 +1,262 @@
+"""One keep-alive connection to an upstream server: an ``asyncio.Protocol`` around llhttp.
+
+The connection parses responses and hands events to the ``ResponseSink`` of the exchange that
+currently owns it; body bytes go straight from ``data_received`` to the sink (no task switch,
+no copy). Between exchanges it sits idle in its pool, where any byte or EOF from the server marks
+it unusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, cast
+
+import httptools
+
+from pibl.http.head import Headers, ResponseHead
+
+
+class ResponseSink(Protocol):
+    """What an exchange implements to receive an upstream response."""
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self) -> None: ...
+    def on_upstream_error(self, error: Exception, got_bytes: bool) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+    def on_upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body_until_close",
+        "_got_bytes",
+        "_headers",
+        "_parser",
+        "_reason",
+        "_skip_body",
+        "_state",
+        "idle_since",
+        "is_reusable",
+        "last_activity",
+        "requests_served",
+        "sink",
+        "transport",
+    )
+
+    # _state: "idle" between exchanges, "head" waiting for a response head, "body" receiving a
+    # body, "tunnel" after a 101, "closed".
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._state = "idle"
+        self._headers: Headers = []
+        self._reason = b""
+        self._skip_body = False
+        self._body_until_close = False
+        self._got_bytes = False
+        self.is_reusable = True
+        self.idle_since = 0.0
+        self.last_activity = 0.0
+        self.requests_served = 0
+
+    # -- owner side ----------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self._state != "closed" and self.transport is not None
+
+    def begin(self, sink: ResponseSink, *, head_request: bool) -> None:
+        """Start an exchange: the next response belongs to ``sink``."""
+        if self.requests_served:
+            # A fresh parser per exchange: after a HEAD response the previous parser may still
+            # expect the body its Content-Length announced (llhttp cannot be told otherwise).
+            self._parser = httptools.HttpResponseParser(self)
+        self.sink = sink
+        self._state = "head"
+        self._skip_body = head_request
+        self._got_bytes = False
+        self._body_until_close = False
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def finish(self) -> None:
+        """The exchange is over; the pool decides whether to keep the connection."""
+        self.sink = None
+        self.requests_served += 1
+        if self._state != "done":
+            self.is_reusable = False  # the response did not end cleanly
+        if self.is_reusable:
+            self._state = "idle"
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.is_reusable = False
+        if self.transport is not None and self._state != "closed":
+            self.transport.close()
+        self._state = "closed"
+
+    def abort(self) -> None:
+        self.is_reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+        self._state = "closed"
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self._state != "closed":
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._state != "closed":
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without inheriting from it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state == "tunnel":
+            if self.sink is not None:
+                self.sink.on_tunnel_data(data)
+            return
+        if state == "idle" or state == "closed":
+            # RFC 9112 §9.3: nothing may arrive before a request; the connection cannot be
+            # trusted any more.
+            self.close()
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            if self._state == "tunnel" and self.sink is not None and offset < len(data):
+                self.sink.on_tunnel_data(data[offset:])
+        except httptools.HttpParserError as error:
+            self._fail(error)
+
+    def eof_received(self) -> bool | None:
+        if self._state == "body" and self._body_until_close:
+            # RFC 9112 §6.3 rule 8: a response without framing ends when the connection closes.
+            self.is_reusable = False
+            self._state = "done"
+            if self.sink is not None:
+                self.sink.on_response_complete()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self._state
+        self._state = "closed"
+        self.is_reusable = False
+        sink = self.sink
+        if sink is None:
+            return
+        if state == "body" and self._body_until_close:
+            sink.on_response_complete()
+        elif state in ("head", "body", "tunnel"):
+            sink.on_upstream_error(
+                ConnectionResetError(str(exc) if exc else "upstream closed the connection"),
+                self._got_bytes,
+            )
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_writable(True)
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status: int = parser.get_status_code()
+        headers = self._headers
+        content_length: int | None = None
+        is_chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = int(value)  # llhttp has validated it (digits, no duplicates)
+            elif lname == b"transfer-encoding":
+                is_chunked = value.strip().lower().endswith(b"chunked")
+        keep_alive: bool = parser.should_keep_alive()
+        head = ResponseHead(
+            status,
+            headers,
+            reason=self._reason,
+            version=parser.get_http_version(),
+            keep_alive=keep_alive,
+            content_length=content_length,
+            is_chunked=is_chunked,
+        )
+        if not keep_alive:
+            self.is_reusable = False
+        if status == 101:
+            self._state = "tunnel"
+            self.is_reusable = False
+        elif status >= 200:
+            self._state = "body"
+            if self._skip_body or status in (204, 304):
+                self._state = "done"
+            elif content_length is None and not is_chunked:
+                self._body_until_close = True
+                self.is_reusable = False
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_head(head)
+            if self._state == "done" and self._skip_body:
+                # A HEAD response ends with its head; llhttp would wait for a body.
+                sink.on_response_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._state != "body":
+            # Bytes after a HEAD/204/304 response that claimed a length: not HTTP/1.1.
+            self.is_reusable = False
+            return
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        state = self._state
+        if state == "head":
+            return  # a 1xx interim response; the final one follows (RFC 9110 §15.2)
+        if state == "done" and self._skip_body:
+            return  # already completed at the head
+        if state == "tunnel":
+            return
+        self._state = "done"
+        if self.sink is not None:
+            self.sink.on_response_complete()
+
+    def _fail(self, error: Exception) -> None:
+        sink = self.sink
+        got = self._got_bytes
+        self.abort()
+        if sink is not None:
+            sink.on_upstream_error(error, got)
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self._state} served={self.requests_served}>"

@@ -1,0 +1,115 @@
+"""Keep-alive pool of connections to one upstream server.
+
+Bookkeeping (LIFO idle list, cap, idle expiry) is plain code; the only I/O is opening a
+connection. LIFO reuse keeps the most recently used — least likely to have been closed by the
+server's own idle timeout — at hand (httpcore and Go's Transport do the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+
+from pibl.balancer.upstream import Address
+from pibl.errors import UpstreamConnectError
+from pibl.pool.connection import UpstreamConnection
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        address: Address,
+        *,
+        max_idle: int = 32,
+        idle_timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self._idle: deque[UpstreamConnection] = deque()
+        self.active = 0
+        self.connects = 0
+        self.reuses = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently released live connection, or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.is_open and conn.is_reusable:
+                self.active += 1
+                self.reuses += 1
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    UpstreamConnection, self.address.host, self.address.port
+                )
+        except TimeoutError as error:
+            raise UpstreamConnectError(f"connect to {self.address} timed out") from error
+        except OSError as error:
+            raise UpstreamConnectError(
+                f"connect to {self.address} failed: {error.strerror or error}"
+            ) from error
+        transport = conn.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.active += 1
+        self.connects += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return ``conn`` after its exchange; it is kept only if its message ended cleanly."""
+        self.active -= 1
+        conn.finish()
+        if not (conn.is_open and conn.is_reusable) or len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        self.active -= 1
+        conn.sink = None
+        conn.abort()
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self.idle_timeout
+        idle = self._idle
+        # Oldest first: the left end holds the connections released longest ago.
+        while idle and (idle[0].idle_since <= deadline or not idle[0].is_open):
+            idle.popleft().close()
+        if idle:
+            self._sweeper = loop.call_later(
+                max(0.05, idle[0].idle_since + self.idle_timeout - loop.time()), self._sweep
+            )
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        while self._idle:
+            self._idle.pop().close()
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.address} active={self.active} idle={len(self._idle)}>"

@@ -1,0 +1,326 @@
+"""One attempt to forward a request over one upstream connection.
+
+The exchange is the bridge between a downstream connection and an upstream one: it sends the
+request head, streams the request body up, relays the response head and streams the body down,
+both directions with back-pressure (a full write buffer on one side pauses reading on the other).
+It runs inside callbacks; the pipeline awaits ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from pibl.errors import (
+    ClientDisconnected,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from pibl.http.framing import (
+    LAST_CHUNK,
+    chunk,
+    request_head_bytes,
+    response_has_body,
+    response_head_bytes,
+)
+from pibl.http.head import Headers, RequestHead, ResponseHead
+from pibl.http.rules import downstream_response_headers
+
+if TYPE_CHECKING:
+    from pibl.balancer.upstream import Upstream
+    from pibl.pool.connection import UpstreamConnection
+    from pibl.server.downstream import DownstreamConnection, RequestCycle
+
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Exchange:
+    __slots__ = (
+        "_chunked_out",
+        "_has_body_out",
+        "_request_body_done",
+        "_timer",
+        "_upgrading",
+        "body_sent_upstream",
+        "bytes_sent",
+        "conn",
+        "cycle",
+        "done",
+        "down",
+        "head_sent",
+        "keep_downstream",
+        "last_activity",
+        "loop",
+        "read_timeout",
+        "request",
+        "response",
+        "reused",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        request: RequestHead,
+        upstream: Upstream,
+        conn: UpstreamConnection,
+        *,
+        reused: bool,
+        read_timeout: float,
+    ) -> None:
+        self.down = down
+        self.cycle = cycle
+        self.request = request
+        self.upstream = upstream
+        self.conn = conn
+        self.reused = reused
+        self.read_timeout = read_timeout
+        self.loop = down.loop
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.response: ResponseHead | None = None
+        self.head_sent = False
+        self.bytes_sent = 0
+        self.body_sent_upstream = False
+        self.keep_downstream = True
+        self.last_activity = 0.0
+        self._chunked_out = False
+        self._has_body_out = False
+        self._request_body_done = not request.has_body
+        self._timer: asyncio.TimerHandle | None = None
+        self._upgrading = False
+
+    # -- request side --------------------------------------------------------------------------
+    def start(self, headers: Headers) -> None:
+        """Send the request head (and the body as it comes) to the upstream."""
+        request = self.request
+        if request.content_length is not None and (
+            request.has_body or request.method in _BODY_METHODS
+        ):
+            headers.append((b"Content-Length", b"%d" % request.content_length))
+        elif request.is_chunked:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        self.conn.begin(self, head_request=request.method == "HEAD")
+        self.conn.write(request_head_bytes(request.method, request.target, headers))
+        down = self.down
+        down.on_writable = self._on_downstream_writable
+        down.on_lost = self._on_downstream_lost
+        if not down.is_writable:
+            self.conn.pause_reading()
+        if request.has_body and not request.expects_continue:
+            self._stream_request_body()
+        self.last_activity = self.loop.time()
+        if self.read_timeout > 0:
+            self._timer = self.loop.call_later(self.read_timeout, self._check_timeout)
+
+    def _stream_request_body(self) -> None:
+        self.body_sent_upstream = True
+        self.cycle.attach(self._send_body, self._end_body)
+        # The body may have been held back while waiting; reading can go on now.
+        self.down.resume_reading()
+
+    def _send_body(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.request.is_chunked:
+            self.conn.writelines(chunk(data))
+        else:
+            self.conn.write(data)
+
+    def _end_body(self) -> None:
+        error = self.cycle.error
+        if error is not None:
+            # The client's body broke mid-stream: the upstream must not see it as complete.
+            self._fail(error)
+            return
+        self._request_body_done = True
+        if self.request.is_chunked:
+            self.conn.write(LAST_CHUNK)
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.down.resume_reading()
+        else:
+            self.down.pause_reading()
+
+    # -- response side (ResponseSink) ----------------------------------------------------------
+    def on_response_head(self, head: ResponseHead) -> None:
+        self.last_activity = self.loop.time()
+        request = self.request
+        status = head.status
+        if status < 200:
+            if status == 101 and request.upgrade is not None:
+                self._begin_tunnel(head)
+            elif status == 100:
+                if request.expects_continue and not self.body_sent_upstream:
+                    self.down.write(CONTINUE_RESPONSE)
+                    self._stream_request_body()
+            elif status == 101:
+                self._fail(UpstreamProtocolError("101 to a request that asked no upgrade"))
+            return  # other 1xx (e.g. 103) are dropped: optional to relay (RFC 9110 §15.2)
+        self.response = head
+        if not self.body_sent_upstream and request.has_body:
+            # Final answer before the body was asked for (Expect: 100-continue): the body is not
+            # forwarded; the client may still send it, so this connection cannot be reused.
+            self.keep_downstream = False
+        elif not self._request_body_done:
+            self.keep_downstream = False  # an early response while the upload is under way
+        headers = downstream_response_headers(head)
+        has_body = response_has_body(request.method, status)
+        if head.content_length is not None and (
+            has_body or request.method == "HEAD" or status == 304
+        ):
+            headers.append((b"Content-Length", b"%d" % head.content_length))
+        elif has_body:
+            self._has_body_out = True
+            if request.version == "1.1":
+                self._chunked_out = True
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                self.keep_downstream = False  # an HTTP/1.0 client reads until close
+        if self._has_body_out or head.content_length:
+            self._has_body_out = True
+        if not request.keep_alive or request.upgrade is not None:
+            # After an Upgrade request llhttp stops parsing: no further request can be read.
+            self.keep_downstream = False
+        if not self.keep_downstream or not self.down.app.keepalive_enabled:
+            self.keep_downstream = False
+            headers.append((b"Connection", b"close"))
+        elif request.version == "1.0":
+            headers.append((b"Connection", b"keep-alive"))
+        self.down.write(response_head_bytes(status, headers, head.reason))
+        self.head_sent = self.cycle.response_started = True
+
+    def on_response_body(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.bytes_sent += len(data)
+        if self._chunked_out:
+            self.down.writelines(chunk(data))
+        else:
+            self.down.write(data)
+
+    def on_response_complete(self) -> None:
+        if self._chunked_out:
+            self.down.write(LAST_CHUNK)
+        if self.response is not None and not self._request_body_done:
+            # The upstream answered before reading the whole request: it will not read the
+            # rest either, so its connection cannot carry another request.
+            self.conn.is_reusable = False
+        self._finish(None)
+
+    def on_upstream_error(self, error: Exception, got_bytes: bool) -> None:
+        if self._upgrading:
+            self.down.close()  # the upstream ended the tunnel; what was written still flushes
+            self._finish(None)
+            return
+        if isinstance(error, UpstreamError):
+            self._fail(error)
+            return
+        if isinstance(error, ConnectionError):
+            failure: UpstreamError = UpstreamClosed(
+                "upstream closed the connection"
+                + (" mid-response" if got_bytes else " before responding"),
+                self.upstream,
+                self.reused,
+            )
+        else:
+            failure = UpstreamProtocolError(
+                f"invalid response: {error}", self.upstream, self.reused
+            )
+        failure.__cause__ = error
+        self._fail(failure)
+
+    @property
+    def got_response_bytes(self) -> bool:
+        return self.response is not None
+
+    # -- tunnel (after 101) --------------------------------------------------------------------
+    def _begin_tunnel(self, head: ResponseHead) -> None:
+        self.response = head
+        self._upgrading = True
+        headers = downstream_response_headers(head)
+        headers.append((b"Connection", b"upgrade"))
+        upgrade = head.header(b"upgrade")
+        if upgrade is not None:
+            headers.append((b"Upgrade", upgrade))
+        self.down.write(response_head_bytes(101, headers, head.reason))
+        self.head_sent = self.cycle.response_started = True
+        self.keep_downstream = False
+        self._cancel_timer()
+        conn, down = self.conn, self.down
+        down.tunnel_sink = self._tunnel_up
+        down.tunnel_eof = conn.write_eof
+        leftover, down.upgrade_leftover = down.upgrade_leftover, b""
+        if leftover:
+            conn.write(leftover)
+        down.resume_reading()
+
+    def _tunnel_up(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        self.down.write(data)
+
+    # -- flow control, timeouts, teardown ------------------------------------------------------
+    def _on_downstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.conn.resume_reading()
+        else:
+            self.conn.pause_reading()
+
+    def _on_downstream_lost(self) -> None:
+        if self._upgrading:
+            self.conn.close()
+            self._finish(None)
+        else:
+            self._fail(ClientDisconnected("client closed the connection"))
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self.done.done():
+            return
+        if not self.down.is_writable:
+            # A slow client is throttling us; that is the send timeout's business, not ours.
+            self._timer = self.loop.call_later(self.read_timeout, self._check_timeout)
+            return
+        remaining = self.last_activity + self.read_timeout - self.loop.time()
+        if remaining > 0.001:
+            self._timer = self.loop.call_later(remaining, self._check_timeout)
+            return
+        self._fail(
+            UpstreamTimeout(
+                f"no data from upstream for {self.read_timeout:g}s", self.upstream, self.reused
+            )
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fail(self, error: Exception) -> None:
+        if self.done.done():
+            return
+        self.conn.is_reusable = False
+        self._finish(error)
+
+    def _finish(self, error: Exception | None) -> None:
+        if self.done.done():
+            return
+        self._cancel_timer()
+        self.cycle.detach()
+        down = self.down
+        down.on_writable = None
+        down.on_lost = None
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+# Methods whose requests carry Content-Length: 0 meaningfully (RFC 9110 §8.6: a user agent
+# SHOULD send it for POST/PUT with no content); others with no body send no framing header.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

@@ -1,0 +1,48 @@
+"""When a failed attempt may be repeated: one pure function, so the rule is in one place.
+
+nginx's ``proxy_next_upstream error timeout`` with ``non_idempotent`` off, and Go's Transport
+rule for a reused connection that died before answering (RFC 9112 §9.3.1 keep-alive race).
+"""
+
+from __future__ import annotations
+
+from pibl.errors import ClientDisconnected, UpstreamConnectError, UpstreamError
+
+# RFC 9110 §9.2.2.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def should_retry(
+    error: BaseException,
+    method: str,
+    *,
+    attempt: int,
+    retries: int,
+    response_started: bool,
+    body_sent: bool,
+) -> bool:
+    """Whether the request may be tried again after ``error`` on attempt number ``attempt``.
+
+    - never once any response byte reached the client, or when the client went away;
+    - a connect failure sent nothing, so another server is always safe;
+    - once the request was sent, only idempotent methods whose body (if any) was not streamed
+      (it cannot be replayed), and only for errors where no response arrived.
+    """
+    if attempt >= retries or response_started or isinstance(error, ClientDisconnected):
+        return False
+    if isinstance(error, UpstreamConnectError):
+        return True
+    if not isinstance(error, UpstreamError):
+        return False
+    return method in IDEMPOTENT_METHODS and not body_sent
+
+
+def is_keepalive_race(error: BaseException, *, response_started: bool, body_sent: bool) -> bool:
+    """A pooled connection closed by the server just as it was reused: retry on a fresh one."""
+    return (
+        isinstance(error, UpstreamError)
+        and error.reused
+        and not response_started
+        and not body_sent
+        and not isinstance(error, UpstreamConnectError)
+    )

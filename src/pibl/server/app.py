@@ -1,0 +1,143 @@
+"""Assemble a running proxy from settings: pools, strategies, routes, listeners, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable
+
+from pibl.accesslog import AccessLog, AccessLogger, NullAccessLog
+from pibl.balancer.group import UpstreamGroup
+from pibl.balancer.strategies import make_strategy
+from pibl.balancer.upstream import Address, Upstream
+from pibl.config import Settings, UpstreamSettings
+from pibl.pool.pool import ConnectionPool
+from pibl.proxy.pipeline import Pipeline
+from pibl.proxy.routing import Route, Router
+from pibl.server.downstream import DownstreamConnection
+
+log = logging.getLogger("pibl.server")
+
+# Slack above the configured head limits that a client may send before llhttp has seen a
+# whole field (one socket read); the exact per-field limits apply on top.
+HEAD_READ_SLACK = 64 * 1024
+
+
+def build_group(settings: UpstreamSettings, connect_timeout: float) -> UpstreamGroup:
+    upstreams = [Upstream(entry.address, entry.weight) for entry in settings.servers]
+    pools = {
+        u.key: ConnectionPool(
+            u.address,
+            max_idle=settings.keepalive,
+            idle_timeout=settings.keepalive_timeout,
+            connect_timeout=connect_timeout,
+        )
+        for u in upstreams
+    }
+    strategy = make_strategy(settings.balance, hash_key=settings.hash_key)
+    return UpstreamGroup(settings.name, upstreams, strategy, pools, retries=settings.retries)
+
+
+def build_router(settings: Settings, groups: dict[str, UpstreamGroup]) -> Router[UpstreamGroup]:
+    if not settings.routes:
+        name = next(iter(groups)) if len(groups) == 1 else "default"
+        return Router([Route(groups[name], name=name)])
+    routes = [
+        Route(
+            groups[r.upstream],
+            name=r.upstream,
+            host=r.host.lower() if r.host else None,
+            path_prefix=r.path_prefix.encode() if r.path_prefix else None,
+            cache=r.cache,
+        )
+        for r in settings.routes
+    ]
+    return Router(routes)
+
+
+class ProxyApp:
+    """A configured proxy: call ``start()`` to listen and ``aclose()`` to stop."""
+
+    def __init__(self, settings: Settings, access_log: AccessLogger | None = None) -> None:
+        self.settings = settings
+        server = settings.server
+        self.limits = server
+        self.max_head_bytes = server.max_request_line + server.max_header_size + HEAD_READ_SLACK
+        self.keepalive_enabled = server.keepalive_timeout > 0
+        self._trusted = tuple(server.trusted_proxies)
+        self.groups = {
+            name: build_group(up, server.connect_timeout) for name, up in settings.upstreams.items()
+        }
+        self.router = build_router(settings, self.groups)
+        if access_log is None:
+            cfg = settings.access_log
+            access_log = AccessLog(cfg.path, cfg.format) if cfg.enabled else NullAccessLog()
+        self.access_log = access_log
+        self.pipeline = Pipeline(self.router, access_log, read_timeout=server.read_timeout)
+        self.connections: set[DownstreamConnection] = set()
+        self.servers: list[asyncio.Server] = []
+        self.addresses: list[Address] = []
+        self._trusted_cache: dict[str, bool] = {}
+
+    def is_trusted(self, ip: str) -> bool:
+        """Whether ``ip`` is a configured trusted proxy (its X-Forwarded-* are kept)."""
+        if not self._trusted:
+            return False
+        cached = self._trusted_cache.get(ip)
+        if cached is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                cached = False
+            else:
+                cached = any(addr in net for net in self._trusted)
+            if len(self._trusted_cache) > 10_000:
+                self._trusted_cache.clear()
+            self._trusted_cache[ip] = cached
+        return cached
+
+    async def start(self, listen: Iterable[Address] | None = None) -> list[Address]:
+        """Listen on every configured address; returns them with the bound ports."""
+        loop = asyncio.get_running_loop()
+        for address in listen if listen is not None else self.settings.server.listen:
+            server = await loop.create_server(
+                lambda: DownstreamConnection(self),
+                address.host,
+                address.port,
+                reuse_address=True,
+                backlog=2048,
+            )
+            self.servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.addresses.append(Address(host, port))
+        for address in self.addresses:
+            log.info("listening on http://%s", address)
+        return self.addresses
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish for up to ``timeout`` s, then stop."""
+        if timeout is None:
+            timeout = self.settings.server.shutdown_timeout
+        for server in self.servers:
+            server.close()
+        self.keepalive_enabled = False  # responses from now on say Connection: close
+        for conn in list(self.connections):
+            if conn.task is None and not conn.queue:
+                conn.close()
+            else:
+                conn.stop_parsing = True  # finish what is queued, then close
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.task is not None for c in self.connections) and loop.time() < deadline:
+            tasks = [c.task for c in self.connections if c.task is not None]
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self.servers:
+            await server.wait_closed()
+        for group in self.groups.values():
+            group.close()
+        self.access_log.close()
+        self.servers.clear()

@@ -1,0 +1,387 @@
+"""One downstream (client) connection: parse requests with llhttp, queue them, answer in order.
+
+The protocol object owns the socket, the parser, the timers and flow control; what to do with
+a request is the pipeline's business (``proxy.pipeline``). One task per connection runs while
+requests are queued, so pipelined requests are answered strictly in order (RFC 9112 §9.3.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from pibl.errors import ProtocolError
+from pibl.http.framing import error_response
+from pibl.http.head import Headers, RequestHead
+from pibl.http.validate import validate_request_head
+
+if TYPE_CHECKING:
+    from pibl.server.app import ProxyApp
+
+log = logging.getLogger("pibl.server")
+
+# A request body is buffered up to this much while its request waits its turn or its upstream
+# connection is being opened; beyond it the client socket stops being read (back-pressure).
+BODY_BUFFER_BYTES = 256 * 1024
+# Pipelined requests queued beyond this pause reading (nginx and HAProxy bound them too).
+MAX_PIPELINED = 16
+
+
+class RequestCycle:
+    """One request on a downstream connection: its head, its body as it arrives, its outcome."""
+
+    __slots__ = (
+        "_on_body",
+        "_on_end",
+        "body_chunks",
+        "body_done",
+        "body_received",
+        "buffered",
+        "error",
+        "head",
+        "response_started",
+        "start_time",
+    )
+
+    def __init__(self, head: RequestHead | None, error: ProtocolError | None = None) -> None:
+        self.head = head
+        self.error = error
+        self.response_started = False
+        self.start_time = time.time()
+        self.body_chunks: list[bytes] = []
+        self.buffered = 0
+        self.body_received = 0
+        self.body_done = head is None or not head.has_body
+        self._on_body: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[], None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.body_received += len(data)
+        if self._on_body is not None:
+            self._on_body(data)
+        else:
+            self.body_chunks.append(data)
+            self.buffered += len(data)
+
+    def end(self) -> None:
+        self.body_done = True
+        if self._on_end is not None:
+            self._on_end()
+
+    def attach(self, on_body: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+        """Stream the body to a consumer: first what was buffered, then each chunk as it comes."""
+        chunks, self.body_chunks, self.buffered = self.body_chunks, [], 0
+        for data in chunks:
+            on_body(data)
+        if self.body_done:
+            on_end()
+            return
+        self._on_body = on_body
+        self._on_end = on_end
+
+    def detach(self) -> None:
+        self._on_body = None
+        self._on_end = None
+
+
+class DownstreamConnection(asyncio.Protocol):
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+        self.limits = app.limits
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.client_addr = ""
+        self.scheme = "http"
+        self.is_trusted = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[RequestCycle] = deque()
+        self.receiving: RequestCycle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.is_closed = False
+        self.is_writable = True
+        self.on_writable: Callable[[bool], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.reading_paused = False
+        self.stop_parsing = False
+        self.tunnel_sink: Callable[[bytes], None] | None = None
+        self.tunnel_eof: Callable[[], None] | None = None
+        self.upgrade_leftover = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._in_head = False
+        self._url = b""
+        self._headers: Headers = []
+        self._header_bytes = 0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without inheriting from it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip = str(peer[0])
+            self.client_addr = f"{peer[0]}:{peer[1]}"
+        self.is_trusted = self.app.is_trusted(self.client_ip)
+        self.app.connections.add(self)
+        self._arm(self.limits.client_header_timeout, self._on_head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel_sink is not None:
+            self.tunnel_sink(data)
+            return
+        if self.stop_parsing:
+            return
+        # httptools accumulates a header value without bound: count the bytes fed while a head
+        # is incomplete (the precise per-field limits are checked in on_header).
+        self._head_bytes = self._head_bytes + len(data) if self._in_head else len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            # Bytes after an Upgrade request belong to the new protocol, if the upstream agrees.
+            self.upgrade_leftover = data[offset:]
+            self.stop_parsing = True
+            self._pause_reading()
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, ProtocolError):
+                self._reject(cause)
+            else:
+                log.exception("unexpected error while parsing a request", exc_info=cause)
+                self._reject(ProtocolError("bad request"))
+        except httptools.HttpParserError as error:
+            self._reject(ProtocolError(_parser_message(error)))
+        else:
+            if self._in_head and self._head_bytes > self.app.max_head_bytes:
+                self._reject(ProtocolError("request head too large", 431))
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel_eof is not None:
+            # Pass the half-close through the tunnel; the upstream's close ends it.
+            self.tunnel_eof()
+            return True
+        # A half-close ends the request stream; answer what was received, then close.
+        self.stop_parsing = True
+        if self.receiving is not None and not self.receiving.body_done:
+            return None  # the body is truncated: close now
+        return bool(self.queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        self._cancel_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+        self.app.connections.discard(self)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def pause_writing(self) -> None:
+        self.is_writable = False
+        if self.on_writable is not None:
+            self.on_writable(False)
+        self._write_timer = self.loop.call_later(self.limits.send_timeout, self._on_write_timeout)
+
+    def resume_writing(self) -> None:
+        self.is_writable = True
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self.on_writable is not None:
+            self.on_writable(True)
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if self.task is None and not self.queue:
+            self._arm(self.limits.client_header_timeout, self._on_head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_request_line:
+            raise ProtocolError("request line too long", 414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        # Each field costs its bytes plus ": " and CRLF on the wire.
+        self._header_bytes += len(name) + len(value) + 4
+        if (
+            self._header_bytes > self.limits.max_header_size
+            or len(self._headers) > self.limits.max_header_count
+        ):
+            raise ProtocolError("request header fields too large", 431)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self.parser
+        head = validate_request_head(
+            parser.get_method().decode("ascii"),
+            self._url,
+            parser.get_http_version(),
+            self._headers,
+            keep_alive=parser.should_keep_alive(),
+            max_body_size=self.limits.max_body_size,
+        )
+        head.client_ip = self.client_ip
+        head.scheme = self.scheme
+        cycle = RequestCycle(head)
+        self.receiving = cycle
+        if self.task is None and not self.queue:
+            self._cancel_timer()
+        self.queue.append(cycle)
+        if head.has_body:
+            self._arm(self.limits.client_body_timeout, self._on_body_timeout)
+        if len(self.queue) > MAX_PIPELINED:
+            self._pause_reading()
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.receiving
+        if cycle is None:
+            return
+        cycle.feed(body)
+        max_body = self.limits.max_body_size
+        if max_body and cycle.body_received > max_body:
+            raise ProtocolError("request body too large", 413)
+        if cycle.buffered > BODY_BUFFER_BYTES:
+            self._pause_reading()
+        if self._timer is not None:
+            self._body_activity = self.loop.time()
+
+    def on_message_complete(self) -> None:
+        cycle = self.receiving
+        self.receiving = None
+        if cycle is not None and cycle.head is not None and cycle.head.has_body:
+            self._cancel_timer()
+        if cycle is not None:
+            cycle.end()
+
+    # -- serving -------------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        try:
+            while self.queue and not self.is_closed:
+                cycle = self.queue[0]
+                keep_open = await self.app.pipeline.handle(self, cycle)
+                self.queue.popleft()
+                if not keep_open or self.is_closed:
+                    self.close()
+                    return
+                if self.reading_paused and len(self.queue) <= MAX_PIPELINED:
+                    self.resume_reading()
+            if self.stop_parsing and self.tunnel_sink is None:
+                self.close()  # the client half-closed and everything was answered
+            elif not self.is_closed:
+                self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
+        finally:
+            self.task = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.is_closed:
+            self.transport.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        if self.transport is not None and not self.is_closed:
+            self.transport.writelines(data)
+
+    def close(self) -> None:
+        self.is_closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.is_closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def pause_reading(self) -> None:
+        self._pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.is_closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _reject(self, error: ProtocolError) -> None:
+        """Reject-and-close (nginx): answer the error after the requests before it, read no more."""
+        self.stop_parsing = True
+        self._pause_reading()
+        receiving = self.receiving
+        if receiving is not None and receiving.head is not None and not receiving.body_done:
+            # The body of a request being forwarded broke (bad chunk, too large): that request
+            # fails with this error and nothing after it is read.
+            receiving.error = error
+            receiving.end()
+            self.receiving = None
+            if receiving in self.queue:
+                return
+        self.queue.append(RequestCycle(None, error))
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    # -- timers --------------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        if delay > 0:
+            self._body_activity = self.loop.time()
+            self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._timer = None
+        if self.task is None and not self.queue:
+            if self._in_head:
+                self.write(error_response(408, "request head not received in time"))
+            self.close()
+        else:
+            self.stop_parsing = True  # a pipelined head is trickling: finish the others, close
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        if self.task is None and not self.queue and not self._in_head:
+            self.close()
+
+    def _on_body_timeout(self) -> None:
+        self._timer = None
+        idle = self.loop.time() - self._body_activity
+        remaining = self.limits.client_body_timeout - idle
+        if remaining > 0.001:
+            self._timer = self.loop.call_later(remaining, self._on_body_timeout)
+            return
+        receiving = self.receiving
+        if receiving is not None and not receiving.body_done:
+            self._reject(ProtocolError("request body not received in time", 408))
+
+    def _on_write_timeout(self) -> None:
+        self._write_timer = None
+        if not self.is_writable:
+            log.info("client %s stopped reading its response; closing", self.client_addr)
+            self.abort()
+
+    _body_activity = 0.0
+
+
+def _parser_message(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.replace("\n", " ")[:200]

@@ -1,0 +1,213 @@
+"""Each failure gets the status a client can act on, within its timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from tests.support import (
+    Client,
+    Received,
+    Reply,
+    dead_address,
+    make_settings,
+    request,
+    running_backends,
+    running_proxy,
+)
+
+
+async def test_refused_connection_is_502() -> None:
+    dead = await dead_address()
+    async with running_proxy(make_settings([dead])) as app:
+        response = await request(app.addresses[0])
+        assert response.status == 502
+        # Operator details (addresses, errno) are not shown to the client.
+        assert str(dead.port).encode() not in response.body
+
+
+async def test_reset_before_response_is_502() -> None:
+    async with (
+        running_backends(lambda r: Reply(raw=b"", close=True)) as backends,
+        running_proxy(make_settings(backends, upstream={"retries": 0})) as app,
+    ):
+        assert (await request(app.addresses[0], "POST", "/", body=b"x")).status == 502
+
+
+async def test_invalid_response_is_502_and_connection_not_reused() -> None:
+    calls = {"n": 0}
+
+    def garbage_then_ok(req: Received) -> Reply:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return Reply(
+                raw=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+            )
+        return Reply(body=b"fine")
+
+    async with running_backends(garbage_then_ok) as backends:
+        async with running_proxy(make_settings(backends, upstream={"retries": 0})) as app:
+            assert (await request(app.addresses[0], "POST", "/", body=b"1")).status == 502
+            assert (await request(app.addresses[0])).body == b"fine"
+        assert backends[0].connections == 2
+
+
+async def test_response_timeout_is_504() -> None:
+    never = asyncio.Event()
+
+    async def hang(req: Received) -> Reply:
+        await never.wait()
+        return Reply()
+
+    async with running_backends(hang) as backends:
+        settings = make_settings(backends, server={"read_timeout": "0.2s"}, upstream={"retries": 0})
+        async with running_proxy(settings) as app:
+            response = await request(app.addresses[0])
+            assert response.status == 504
+
+
+async def test_connect_timeout_is_504() -> None:
+    # A listening socket whose backlog is full never completes new handshakes.
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(sock.getsockname())
+        fillers.append(s)
+    host, port = sock.getsockname()
+    try:
+        from pibl.balancer.upstream import Address
+
+        settings = make_settings(
+            [Address(host, port)], server={"connect_timeout": "0.2s"}, upstream={"retries": 0}
+        )
+        async with running_proxy(settings) as app:
+            response = await request(app.addresses[0])
+            assert response.status == 504
+    finally:
+        for s in fillers:
+            s.close()
+        sock.close()
+
+
+async def test_no_server_available_is_503() -> None:
+    async with running_backends(count=1) as backends, running_proxy(make_settings(backends)) as app:
+        for upstream in app.groups["app"].upstreams:
+            upstream.is_available = False
+        assert (await request(app.addresses[0])).status == 503
+
+
+async def test_reset_mid_body_aborts_the_client_connection() -> None:
+    def short_body(req: Received) -> Reply:
+        return Reply(raw=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part", close=True)
+
+    async with (
+        running_backends(short_body) as backends,
+        running_proxy(make_settings(backends)) as app,
+    ):
+        client = await Client.connect(app.addresses[0])
+        with pytest.raises(ConnectionError):
+            await client.request("GET", "/")
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 17000 + b"\r\n\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\n"
+            + b"".join(b"X-F%d: v\r\n" % i for i in range(101))
+            + b"\r\n",
+            431,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n", 413),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+    ],
+)
+async def test_malformed_requests_get_their_status_and_close(raw: bytes, status: int) -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, server={"max_body_size": 1000})
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            await client.send(raw)
+            response = await client.read_response()
+            assert response.status == status
+            assert response.header("Connection") == "close"
+            assert await client.is_closed()
+            await client.aclose()
+        assert backends[0].requests == []
+
+
+async def test_chunked_body_over_limit_is_413() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, server={"max_body_size": 10})
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            await client.send(
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n"
+            )
+            response = await client.read_response()
+            assert response.status == 413
+            await client.aclose()
+
+
+async def test_error_after_good_pipelined_request_keeps_order() -> None:
+    async with running_backends(count=1) as backends, running_proxy(make_settings(backends)) as app:
+        client = await Client.connect(app.addresses[0])
+        await client.send(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nBAD REQUEST\r\n\r\n")
+        first = await client.read_response()
+        second = await client.read_response()
+        assert first.status == 200
+        assert second.status == 400
+        assert await client.is_closed()
+        await client.aclose()
+
+
+async def test_unknown_route_is_404_and_keeps_connection() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, routes=[{"path_prefix": "/api", "upstream": "app"}])
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            assert (await client.request("GET", "/nope")).status == 404
+            assert (await client.request("GET", "/api/x")).status == 200
+            await client.aclose()
+
+
+async def test_idle_keepalive_timeout_closes_connection() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, server={"keepalive_timeout": "0.1s"})
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            assert (await client.request()).status == 200
+            assert await client.is_closed(timeout=5)
+            await client.aclose()
+
+
+async def test_slow_request_head_gets_408() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, server={"client_header_timeout": "0.2s"})
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            await client.send(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            response = await client.read_response()
+            assert response.status == 408
+            assert await client.is_closed()
+            await client.aclose()
