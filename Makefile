@@ -36,3 +36,7 @@ test: lint typecheck
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The public HTTP caching test suite (npm http-cache-tests) against PIBL, memory then disk.
+cache-tests: install
+	$(BIN)/python scripts/cache_tests.py --list

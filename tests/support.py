@@ -390,6 +390,13 @@ async def running_backends(
             await backend.aclose()
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a condition of the proxy's state that no event announces (bounded)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - nothing to await but the state itself
+            await asyncio.sleep(0.005)
+
+
 async def dead_address() -> Address:
     """An address that refuses connections: bind, note the port, close (ECONNREFUSED)."""
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)

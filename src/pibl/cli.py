@@ -72,12 +72,14 @@ async def serve(settings: Settings, *, banner: str | None = None) -> None:
     from pibl.server.app import ProxyApp
 
     app = ProxyApp(settings)
-    await app.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Handlers first: "listening on ..." tells a supervisor that PIBL is up, and a signal sent
+    # right after it must take the graceful path, not the default action (killed by SIGTERM).
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, app.access_log.reopen)
+    await app.start()
     if banner:
         print(banner.format(url=f"http://{app.addresses[0]}"), flush=True)
     log.info("pibl %s started", __version__)
@@ -100,13 +102,15 @@ async def _demo(listen: str) -> None:
             "server": {"listen": listen},
             "upstreams": {"demo": {"servers": servers, "balance": "round_robin"}},
             "access_log": {"path": "-", "format": "combined"},
+            # The original design's fixed 60 s lifetime, for responses that carry no freshness.
+            "cache": {"enabled": True, "storage": "memory", "default_ttl": "60s"},
         },
         source="<demo>",
     )
     banner = (
-        "PIBL demo: {url}/ is balanced round-robin over 3 backends ("
-        + ", ".join(servers)
-        + ').\nTry:  curl -s {url}/hello   (repeat it: the "backend" field changes each time)\n'
+        "PIBL demo: {url}/ is balanced round-robin over 3 backends (" + ", ".join(servers) + ").\n"
+        'Try:  curl -s {url}/hello          (repeat it: the "backend" field changes each time)\n'
+        "      curl -si {url}/static/logo   (again within 60 s: Cache-Status: pibl; hit)\n"
         "Press Ctrl-C to stop."
     )
     try:
@@ -138,7 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pibl: config error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"pibl: {error.strerror or error}", file=sys.stderr)
+        message = error.strerror or str(error)
+        if error.filename is not None:
+            # e.g. an access log that cannot be opened: say which file.
+            message = f"{error.filename}: {message}"
+        print(f"pibl: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -61,6 +61,10 @@ class DemoBackend(asyncio.Protocol):
             (b"Content-Length", str(len(body)).encode()),
             (b"X-Backend", self.name.encode()),
         ]
+        if not path.startswith("/static/"):
+            # Dynamic pages are never reused; /static/ carries no freshness information, so the
+            # demo's default_ttl (60 s, the original design's fixed lifetime) applies to it.
+            headers.append((b"Cache-Control", b"no-store"))
         if not self.parser.should_keep_alive():
             headers.append((b"Connection", b"close"))
         self.transport.write(response_head_bytes(200, headers))

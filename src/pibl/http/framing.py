@@ -46,7 +46,12 @@ def response_head_bytes(
 
 
 def chunk(data: bytes) -> list[bytes]:
-    """One chunk of a chunked body (RFC 9112 §7.1), as pieces for ``writelines``."""
+    """One chunk of a chunked body (RFC 9112 §7.1), as pieces for ``writelines``.
+
+    Empty data gives no pieces: a zero-size chunk is the last-chunk and would end the body.
+    """
+    if not data:
+        return []
     return [b"%x\r\n" % len(data), data, CRLF]
 
 

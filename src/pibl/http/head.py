@@ -108,16 +108,37 @@ class RequestHead:
     def path(self) -> bytes:
         """The path part of an origin-form target (absolute-form is reduced to its path)."""
         target = self.target
+        query = target.find(b"?")
+        if query >= 0:
+            target = target[:query]
         if not target.startswith(b"/"):
             scheme_end = target.find(b"://")
             if scheme_end >= 0:
+                # The authority ends at the first "/" or "?" (RFC 3986 §3.2): a "/" inside the
+                # query of "http://h?next=/admin" is not the path.
                 slash = target.find(b"/", scheme_end + 3)
                 target = target[slash:] if slash >= 0 else b"/"
-        query = target.find(b"?")
-        return target if query < 0 else target[:query]
+        return target
 
     def header(self, name: bytes) -> bytes | None:
         return get_header(self.headers, name)
+
+    def with_headers(self, headers: Headers) -> RequestHead:
+        """The same request with other header fields (e.g. a cache's conditional request)."""
+        return RequestHead(
+            self.method,
+            self.target,
+            self.version,
+            headers,
+            client_ip=self.client_ip,
+            scheme=self.scheme,
+            keep_alive=self.keep_alive,
+            content_length=self.content_length,
+            is_chunked=self.is_chunked,
+            host=self.host,
+            expects_continue=self.expects_continue,
+            upgrade=self.upgrade,
+        )
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method} {self.target!r} HTTP/{self.version}>"

@@ -12,6 +12,12 @@ from pibl.errors import ProtocolError
 from pibl.http.head import Headers, RequestHead
 
 _DIGITS = frozenset(b"0123456789")
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] -- unreserved, pct-encoded,
+# sub-delims, ":" and the brackets of an IP literal. Anything else (spaces, "/", "@", obs-text)
+# is "a Host header field with an invalid field value" that RFC 9112 §3.2 answers with 400.
+_HOST_CHARS = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+)
 
 
 def validate_request_head(
@@ -48,11 +54,12 @@ def validate_request_head(
                 raise ProtocolError("repeated Transfer-Encoding")
             has_transfer_encoding = True
             codings = [c.strip().lower() for c in value.split(b",")]
-            # RFC 9112 §6.3: a request whose final coding is not chunked cannot be framed.
+            # RFC 9112 §6.3: a request whose final coding is not chunked cannot be framed (400);
+            # §7: chunked is applied exactly once. A well-framed request with another coding
+            # before chunked is merely one PIBL does not implement (501).
             if codings != [b"chunked"]:
-                raise ProtocolError(
-                    "unsupported Transfer-Encoding", 501 if b"chunked" in codings[-1:] else 400
-                )
+                well_framed = codings[-1] == b"chunked" and b"chunked" not in codings[:-1]
+                raise ProtocolError("unsupported Transfer-Encoding", 501 if well_framed else 400)
             is_chunked = True
         elif lname == b"expect":
             if value.strip().lower() == b"100-continue":
@@ -78,6 +85,11 @@ def validate_request_head(
     if max_body_size and content_length is not None and content_length > max_body_size:
         raise ProtocolError("request body too large", 413)
     host = hosts[0] if hosts else b""
+    if not _HOST_CHARS.issuperset(host):
+        raise ProtocolError("invalid Host")
+    if method == "CONNECT":
+        # Checked before the target: a CONNECT carries an authority-form target (RFC 9110 §9.3.6).
+        raise ProtocolError("CONNECT is not supported by a reverse proxy", 405)
     if not target.startswith(b"/"):
         if target == b"*" and method == "OPTIONS":
             pass
@@ -85,10 +97,10 @@ def validate_request_head(
             # Absolute-form: its authority replaces Host (RFC 9112 §3.2.2).
             authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0]
             host = authority.rsplit(b"@", 1)[-1]
+            if not _HOST_CHARS.issuperset(host):
+                raise ProtocolError("invalid request target")
         else:
             raise ProtocolError("invalid request target")
-    if method == "CONNECT":
-        raise ProtocolError("CONNECT is not supported by a reverse proxy", 405)
     return RequestHead(
         method,
         target,

@@ -16,6 +16,10 @@ import httptools
 from pibl.http.head import Headers, ResponseHead
 
 
+class UnsolicitedResponse(Exception):
+    """Bytes of a further response arrived after the exchange's response was complete."""
+
+
 class ResponseSink(Protocol):
     """What an exchange implements to receive an upstream response."""
 
@@ -181,6 +185,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._state != "head":
+            # A second response after the one that was asked for: the upstream is out of step
+            # (response desync). Stop here; the connection is closed, never reused.
+            raise UnsolicitedResponse("upstream sent a response nobody asked for")
         self._headers = []
         self._reason = b""
 

@@ -9,6 +9,7 @@ It runs inside callbacks; the pipeline awaits ``done``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pibl.errors import (
@@ -30,15 +31,43 @@ from pibl.http.rules import downstream_response_headers
 
 if TYPE_CHECKING:
     from pibl.balancer.upstream import Upstream
+    from pibl.cache.storage import CacheWriter
     from pibl.pool.connection import UpstreamConnection
     from pibl.server.downstream import DownstreamConnection, RequestCycle
 
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# How long to wait for an upstream's 100 (Continue) before sending the body anyway: curl's
+# and Go's Transport.ExpectContinueTimeout default.
+EXPECT_CONTINUE_TIMEOUT = 1.0
+
+
+class ResponsePlan:
+    """What the cache phase decided about a response head (see ``Exchange.response_filter``).
+
+    ``forward`` False keeps the response from the client (a 304 to PIBL's own conditional
+    request, an error masked by stale-if-error): its body is read and dropped, and the pipeline
+    answers instead. ``writer`` receives the body as it streams to the client.
+    """
+
+    __slots__ = ("extra_headers", "forward", "writer")
+
+    def __init__(
+        self,
+        *,
+        forward: bool = True,
+        extra_headers: Headers | None = None,
+        writer: CacheWriter | None = None,
+    ) -> None:
+        self.forward = forward
+        self.extra_headers = extra_headers or []
+        self.writer = writer
 
 
 class Exchange:
     __slots__ = (
         "_chunked_out",
+        "_expect_timer",
+        "_forwarding",
         "_has_body_out",
         "_request_body_done",
         "_timer",
@@ -56,8 +85,10 @@ class Exchange:
         "read_timeout",
         "request",
         "response",
+        "response_filter",
         "reused",
         "upstream",
+        "writer",
     )
 
     def __init__(
@@ -91,6 +122,10 @@ class Exchange:
         self._request_body_done = not request.has_body
         self._timer: asyncio.TimerHandle | None = None
         self._upgrading = False
+        self._forwarding = True
+        self._expect_timer: asyncio.TimerHandle | None = None
+        self.response_filter: Callable[[ResponseHead], ResponsePlan] | None = None
+        self.writer: CacheWriter | None = None
 
     # -- request side --------------------------------------------------------------------------
     def start(self, headers: Headers) -> None:
@@ -109,13 +144,29 @@ class Exchange:
         down.on_lost = self._on_downstream_lost
         if not down.is_writable:
             self.conn.pause_reading()
-        if request.has_body and not request.expects_continue:
-            self._stream_request_body()
+        if request.has_body:
+            if not request.expects_continue:
+                self._stream_request_body()
+            else:
+                self._expect_timer = self.loop.call_later(
+                    EXPECT_CONTINUE_TIMEOUT, self._on_expect_timeout
+                )
         self.last_activity = self.loop.time()
         if self.read_timeout > 0:
             self._timer = self.loop.call_later(self.read_timeout, self._check_timeout)
 
+    def _on_expect_timeout(self) -> None:
+        # The upstream ignored Expect (RFC 9110 §10.1.1 lets a client go ahead after a while);
+        # ask the client for its body ourselves rather than leave both sides waiting.
+        self._expect_timer = None
+        if not self.body_sent_upstream and self.response is None and not self.done.done():
+            self.down.write(CONTINUE_RESPONSE)
+            self._stream_request_body()
+
     def _stream_request_body(self) -> None:
+        if self._expect_timer is not None:
+            self._expect_timer.cancel()
+            self._expect_timer = None
         self.body_sent_upstream = True
         self.cycle.attach(self._send_body, self._end_body)
         # The body may have been held back while waiting; reading can go on now.
@@ -161,6 +212,10 @@ class Exchange:
                 self._fail(UpstreamProtocolError("101 to a request that asked no upgrade"))
             return  # other 1xx (e.g. 103) are dropped: optional to relay (RFC 9110 §15.2)
         self.response = head
+        plan = self.response_filter(head) if self.response_filter is not None else None
+        if plan is not None and not plan.forward:
+            self._forwarding = False
+            return
         if not self.body_sent_upstream and request.has_body:
             # Final answer before the body was asked for (Expect: 100-continue): the body is not
             # forwarded; the client may still send it, so this connection cannot be reused.
@@ -168,6 +223,9 @@ class Exchange:
         elif not self._request_body_done:
             self.keep_downstream = False  # an early response while the upload is under way
         headers = downstream_response_headers(head)
+        if plan is not None:
+            headers += plan.extra_headers
+            self.writer = plan.writer
         has_body = response_has_body(request.method, status)
         if head.content_length is not None and (
             has_body or request.method == "HEAD" or status == 304
@@ -195,6 +253,11 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if not self._forwarding:
+            return
+        writer = self.writer
+        if writer is not None and not writer.write(data):
+            self.writer = None  # over max_object_size or a storage error: stream uncached
         self.bytes_sent += len(data)
         if self._chunked_out:
             self.down.writelines(chunk(data))
@@ -202,7 +265,7 @@ class Exchange:
             self.down.write(data)
 
     def on_response_complete(self) -> None:
-        if self._chunked_out:
+        if self._chunked_out and self._forwarding:
             self.down.write(LAST_CHUNK)
         if self.response is not None and not self._request_body_done:
             # The upstream answered before reading the whole request: it will not read the
@@ -301,16 +364,26 @@ class Exchange:
             self._timer.cancel()
             self._timer = None
 
+    @property
+    def is_forwarding(self) -> bool:
+        return self._forwarding
+
     def _fail(self, error: Exception) -> None:
         if self.done.done():
             return
         self.conn.is_reusable = False
+        if self.writer is not None:
+            self.writer.abort()  # a broken message never becomes a cache entry
+            self.writer = None
         self._finish(error)
 
     def _finish(self, error: Exception | None) -> None:
         if self.done.done():
             return
         self._cancel_timer()
+        if self._expect_timer is not None:
+            self._expect_timer.cancel()
+            self._expect_timer = None
         self.cycle.detach()
         down = self.down
         down.on_writable = None

@@ -1,17 +1,31 @@
 """The life of a proxied request, phase by phase. This module is the only place that decides
 their order (see DESIGN.md §1):
 
-    read head (server.downstream) → route → select upstream → acquire connection → rewrite →
-    send request / receive head → response filter → stream body → log → release
+    read head (server.downstream) → route → cache lookup → select upstream → acquire
+    connection → rewrite → send request / receive head → response filter → stream body →
+    log → release
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pibl.accesslog import AccessLogger, AccessRecord
+from pibl.balancer.upstream import Upstream
+from pibl.cache.key import make_key
+from pibl.cache.policy import (
+    SAFE_METHODS,
+    Action,
+    cache_status,
+    invalidation_targets,
+    only_if_cached,
+    stale_if_error_allowed,
+)
+from pibl.cache.storage import CorruptEntry
 from pibl.errors import (
     ClientDisconnected,
     NoUpstreamAvailable,
@@ -21,9 +35,10 @@ from pibl.errors import (
     status_for,
 )
 from pibl.http.framing import error_response
-from pibl.http.head import RequestHead
+from pibl.http.head import RequestHead, ResponseHead
 from pibl.http.rules import upstream_request_headers
-from pibl.proxy.exchange import Exchange
+from pibl.proxy.caching import CACHEABLE_METHODS, HttpCache, Lookup, ResponseFilter
+from pibl.proxy.exchange import Exchange, ResponsePlan
 from pibl.proxy.retry import is_keepalive_race, should_retry
 
 if TYPE_CHECKING:
@@ -43,13 +58,27 @@ class RouteNotFound(ProtocolError):
         super().__init__("no route matches this request", 404)
 
 
+class GatewayTimeoutFromCache(PiblError):
+    """``only-if-cached`` with nothing usable stored (RFC 9111 §5.2.1.7): 504."""
+
+
+ResponseFilterFn = Callable[[ResponseHead], ResponsePlan]
+
+
 class Pipeline:
     def __init__(
-        self, router: Router[UpstreamGroup], access_log: AccessLogger, *, read_timeout: float
+        self,
+        router: Router[UpstreamGroup],
+        access_log: AccessLogger,
+        *,
+        read_timeout: float,
+        cache: HttpCache | None = None,
     ) -> None:
         self.router = router
         self.access_log = access_log
         self.read_timeout = read_timeout
+        self.cache = cache
+        self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, down: DownstreamConnection, cycle: RequestCycle) -> bool:
         """Answer one request; returns whether the downstream connection may stay open."""
@@ -68,9 +97,11 @@ class Pipeline:
             if route is None:
                 raise RouteNotFound()
             record.route = route.name
-            exchange = await self._forward(down, cycle, head, route.target, record)
-            record.status = exchange.response.status if exchange.response else 0
-            keep_open = exchange.keep_downstream and head.keep_alive and cycle.body_done
+            if self.cache is not None and route.cache:
+                keep_open = await self._through_cache(down, cycle, head, route.target, record)
+            else:
+                exchange = await self._forward(down, cycle, head, route.target, record)
+                keep_open = self._finished(exchange, head, cycle, record)
         except PiblError as error:
             keep_open = self._answer_error(down, cycle, record, error)
         except Exception as error:
@@ -84,6 +115,196 @@ class Pipeline:
             self.access_log.log(record)
         return keep_open
 
+    @staticmethod
+    def _finished(
+        exchange: Exchange, head: RequestHead, cycle: RequestCycle, record: AccessRecord
+    ) -> bool:
+        record.status = exchange.response.status if exchange.response else 0
+        return exchange.keep_downstream and head.keep_alive and cycle.body_done
+
+    # -- phase 3: cache lookup, and what follows from it ---------------------------------------
+    async def _through_cache(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        head: RequestHead,
+        group: UpstreamGroup,
+        record: AccessRecord,
+    ) -> bool:
+        cache = self.cache
+        assert cache is not None
+        if head.method not in CACHEABLE_METHODS:
+            return await self._forward_unsafe(down, cycle, head, group, record, cache)
+        lookup = await cache.lookup(head)
+        leader = False
+        while lookup.entry is None and not only_if_cached(head):
+            waiting = cache.lead_fetch(lookup.key)
+            if waiting is None:
+                leader = True
+                break
+            # Another request is fetching this URL: wait for it, then look again.
+            await cache.wait_for_leader(waiting)
+            lookup = await cache.lookup(head)
+            if lookup.entry is None:
+                leader = cache.lead_fetch(lookup.key) is None
+                break
+        try:
+            return await self._after_lookup(down, cycle, head, group, record, cache, lookup)
+        finally:
+            if leader:
+                cache.end_fetch(lookup.key)
+
+    async def _after_lookup(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        head: RequestHead,
+        group: UpstreamGroup,
+        record: AccessRecord,
+        cache: HttpCache,
+        lookup: Lookup,
+    ) -> bool:
+        entry, decision = lookup.entry, lookup.decision
+        if entry is not None and decision is not None:
+            if decision.action is Action.FRESH:
+                cache.hits += 1
+                status = cache_status(True, ttl=decision.ttl)
+                try:
+                    return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+                except CorruptEntry as error:
+                    log.warning("dropping corrupt cache entry: %s", error)
+                    await cache.storage.delete(lookup.key)
+                    lookup.entry = None
+                    lookup.fwd = "uri-miss"
+            elif decision.action is Action.STALE_WHILE_REVALIDATE:
+                cache.stale += 1
+                self._revalidate_in_background(down, head, group, lookup)
+                status = cache_status(True, ttl=decision.ttl, detail="stale-while-revalidate")
+                return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+            elif decision.gateway_timeout:
+                raise GatewayTimeoutFromCache("only-if-cached and the stored response is stale")
+        elif only_if_cached(head):
+            raise GatewayTimeoutFromCache("only-if-cached and nothing is stored")
+        cache.misses += 1
+        return await self._fetch(down, cycle, head, group, record, cache, lookup)
+
+    async def _fetch(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        head: RequestHead,
+        group: UpstreamGroup,
+        record: AccessRecord,
+        cache: HttpCache,
+        lookup: Lookup,
+    ) -> bool:
+        """Forward a GET/HEAD that the cache could not answer; store or refresh on the way."""
+        entry = lookup.entry
+        revalidate = (
+            entry is not None
+            and lookup.decision is not None
+            and lookup.decision.action is Action.STALE_REVALIDATE
+        )
+        upstream_head = cache.revalidation_request(head, entry) if revalidate and entry else head
+        stale_ok = entry is not None and stale_if_error_allowed(entry.meta, head, time.time())
+        response_filter = ResponseFilter(
+            cache,
+            head,
+            lookup,
+            record,
+            fwd=lookup.fwd,
+            revalidating=revalidate,
+            serve_stale_on_error=stale_ok,
+        )
+        try:
+            exchange = await self._forward(
+                down, cycle, head, group, record, upstream_head, response_filter
+            )
+        except (UpstreamError, NoUpstreamAvailable):
+            if (
+                entry is not None
+                and not cycle.response_started
+                and stale_if_error_allowed(entry.meta, head, time.time(), disconnected=True)
+            ):
+                status = cache_status(True, fwd="stale", detail="stale-if-error")
+                return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+            raise
+        response = exchange.response
+        if exchange.writer is not None:
+            await exchange.writer.commit()  # phase 9 ended cleanly: the entry becomes visible
+        if response_filter.intercepted and entry is not None and response is not None:
+            if response.status == 304:
+                meta = await cache.refresh(
+                    entry, response, lookup.request_time, response_filter.response_time
+                )
+                status = cache_status(False, fwd="stale", fwd_status=304)
+                return cache.serve(down, cycle, head, entry, meta, record, status)
+            status = cache_status(
+                True, fwd="stale", fwd_status=response.status, detail="stale-if-error"
+            )
+            return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+        return self._finished(exchange, head, cycle, record)
+
+    async def _forward_unsafe(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        head: RequestHead,
+        group: UpstreamGroup,
+        record: AccessRecord,
+        cache: HttpCache,
+    ) -> bool:
+        response_filter = ResponseFilter(cache, head, None, record, fwd="method")
+        exchange = await self._forward(down, cycle, head, group, record, None, response_filter)
+        if exchange.response is not None and head.method not in SAFE_METHODS:
+            # §4.4: a successful unsafe request invalidates what is stored for its target.
+            await cache.invalidate(invalidation_targets(head, exchange.response, make_key(head)))
+        return self._finished(exchange, head, cycle, record)
+
+    def _revalidate_in_background(
+        self,
+        down: DownstreamConnection,
+        head: RequestHead,
+        group: UpstreamGroup,
+        lookup: Lookup,
+    ) -> None:
+        """RFC 5861 §3: refresh a stale entry while the stale one is being served."""
+        from pibl.server.downstream import DownstreamConnection, RequestCycle
+
+        cache = self.cache
+        entry = lookup.entry
+        if cache is None or entry is None or cache.lead_fetch(lookup.key) is not None:
+            return  # someone is already fetching this URL
+        # A connection with no socket behind it: the response is only for the cache.
+        sink = DownstreamConnection(down.app)
+        sink.client_ip = down.client_ip
+        plain = head.with_headers(
+            [(n, v) for n, v in head.headers if n.lower() not in _CLIENT_CONDITIONALS]
+        )
+        plain.method = "GET"
+        cycle = RequestCycle(plain)
+        background_lookup = Lookup(lookup.key, time.time())
+        background_lookup.entry = entry
+        background_lookup.decision = lookup.decision
+        background_lookup.fwd = "stale"
+
+        async def run() -> None:
+            record = AccessRecord()
+            record.client_addr = "-"
+            try:
+                await self._fetch(
+                    sink, cycle, plain, group, record, cache, _as_revalidation(background_lookup)
+                )
+            except PiblError as error:
+                log.info("background revalidation of %s failed: %s", lookup.key.url, error)
+            finally:
+                cache.end_fetch(lookup.key)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- phases 4 to 9, 11: select, acquire, rewrite, exchange, release ------------------------
     async def _forward(
         self,
         down: DownstreamConnection,
@@ -91,16 +312,19 @@ class Pipeline:
         head: RequestHead,
         group: UpstreamGroup,
         record: AccessRecord,
+        upstream_head: RequestHead | None = None,
+        response_filter: ResponseFilterFn | None = None,
     ) -> Exchange:
-        tried: list[object] = []
+        sent_head = upstream_head or head
+        tried: list[Upstream] = []
         attempt = 0
         fresh_retry_used = False
         force_fresh = False
         last_error: PiblError | None = None
-        retry_upstream = None
+        retry_upstream: Upstream | None = None
         while True:
             # phase 4: select upstream
-            upstream = retry_upstream or group.select(head, tried)  # type: ignore[arg-type]
+            upstream = retry_upstream or group.select(head, tried)
             retry_upstream = None
             if upstream is None:
                 raise last_error or NoUpstreamAvailable(f"no server available in {group.name!r}")
@@ -121,8 +345,9 @@ class Pipeline:
                 exchange = Exchange(
                     down, cycle, head, upstream, conn, reused=reused, read_timeout=self.read_timeout
                 )
+                exchange.response_filter = response_filter
                 # phase 6 + 7: rewrite, send; 8 + 9 run in the exchange's callbacks
-                exchange.start(upstream_request_headers(head, trusted_peer=down.is_trusted))
+                exchange.start(upstream_request_headers(sent_head, trusted_peer=down.is_trusted))
                 try:
                     await exchange.done
                 except BaseException:
@@ -160,19 +385,14 @@ class Pipeline:
                     response_started=response_started,
                     body_sent=body_sent,
                 ):
-                    if exchange is not None:
-                        record.bytes_sent = exchange.bytes_sent
-                        if exchange.response is not None:
-                            record.upstream_status = exchange.response.status
+                    _note_partial(record, exchange)
                     raise
                 attempt += 1
                 force_fresh = False
-                log.warning("upstream %s failed (%s); trying another server", upstream.key, error)
+                log.warning("upstream %s failed (%s); retrying", upstream.key, error)
             except ClientDisconnected:
-                if exchange is not None:
-                    record.bytes_sent = exchange.bytes_sent
-                    if exchange.response is not None:
-                        record.upstream_status = exchange.response.status
+                record.upstream_time = time.monotonic() - started
+                _note_partial(record, exchange)
                 raise
             finally:
                 upstream.in_flight -= 1
@@ -184,7 +404,7 @@ class Pipeline:
         record: AccessRecord,
         error: PiblError,
     ) -> bool:
-        status = status_for(error)
+        status = 504 if isinstance(error, GatewayTimeoutFromCache) else status_for(error)
         record.error = str(error)
         if cycle.response_started or isinstance(error, ClientDisconnected):
             # Part of a response already went out: cutting the connection is the only honest
@@ -196,20 +416,17 @@ class Pipeline:
             down.abort()
             return False
         record.status = status
+        head = cycle.head
         if isinstance(error, UpstreamError):
             log.warning(
-                "%s %s → %d: %s",
-                cycle.head.method if cycle.head else "-",
-                record.target,
-                status,
-                error,
+                "%s %s → %d: %s", head.method if head else "-", record.target, status, error
             )
-        head = cycle.head
         keep_open = (
             (not isinstance(error, ProtocolError) or isinstance(error, RouteNotFound))
             and head is not None
             and head.keep_alive
             and cycle.body_done
+            and down.app.keepalive_enabled
         )
         body = error_response(status, _public_message(error), close=not keep_open)
         record.bytes_sent = len(body) - body.index(b"\r\n\r\n") - 4
@@ -217,9 +434,31 @@ class Pipeline:
         return keep_open
 
 
+# A background revalidation must not carry the client's own conditionals (§4.3.1).
+_CLIENT_CONDITIONALS = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+)
+
+
+def _as_revalidation(lookup: Lookup) -> Lookup:
+    from pibl.cache.policy import Decision
+
+    decision = lookup.decision
+    if decision is not None:
+        lookup.decision = Decision(Action.STALE_REVALIDATE, decision.age, decision.ttl, "stale")
+    return lookup
+
+
+def _note_partial(record: AccessRecord, exchange: Exchange | None) -> None:
+    if exchange is not None:
+        record.bytes_sent = exchange.bytes_sent
+        if exchange.response is not None:
+            record.upstream_status = exchange.response.status
+
+
 def _public_message(error: PiblError) -> str:
     # Upstream details (addresses, errno) are for the operator's log, not for the client.
-    if isinstance(error, ProtocolError):
+    if isinstance(error, ProtocolError | GatewayTimeoutFromCache):
         return str(error)
     return ""
 

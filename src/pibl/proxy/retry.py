@@ -6,7 +6,7 @@ rule for a reused connection that died before answering (RFC 9112 §9.3.1 keep-a
 
 from __future__ import annotations
 
-from pibl.errors import ClientDisconnected, UpstreamConnectError, UpstreamError
+from pibl.errors import ClientDisconnected, UpstreamClosed, UpstreamConnectError, UpstreamError
 
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -38,11 +38,14 @@ def should_retry(
 
 
 def is_keepalive_race(error: BaseException, *, response_started: bool, body_sent: bool) -> bool:
-    """A pooled connection closed by the server just as it was reused: retry on a fresh one."""
+    """A pooled connection closed by the server just as it was reused: retry on a fresh one.
+
+    Only a close/reset is that race. A read timeout or an invalid response means the server
+    received the request: repeating it would send it twice (and double a timeout's wait).
+    """
     return (
-        isinstance(error, UpstreamError)
+        isinstance(error, UpstreamClosed)
         and error.reused
         and not response_started
         and not body_sent
-        and not isinstance(error, UpstreamConnectError)
     )

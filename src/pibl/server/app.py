@@ -11,8 +11,10 @@ from pibl.accesslog import AccessLog, AccessLogger, NullAccessLog
 from pibl.balancer.group import UpstreamGroup
 from pibl.balancer.strategies import make_strategy
 from pibl.balancer.upstream import Address, Upstream
+from pibl.cache.storage import make_storage
 from pibl.config import Settings, UpstreamSettings
 from pibl.pool.pool import ConnectionPool
+from pibl.proxy.caching import HttpCache
 from pibl.proxy.pipeline import Pipeline
 from pibl.proxy.routing import Route, Router
 from pibl.server.downstream import DownstreamConnection
@@ -74,7 +76,17 @@ class ProxyApp:
             cfg = settings.access_log
             access_log = AccessLog(cfg.path, cfg.format) if cfg.enabled else NullAccessLog()
         self.access_log = access_log
-        self.pipeline = Pipeline(self.router, access_log, read_timeout=server.read_timeout)
+        self.cache: HttpCache | None = None
+        if settings.cache.enabled:
+            storage = make_storage(settings.cache)
+            self.cache = HttpCache(
+                storage,
+                default_ttl=settings.cache.default_ttl,
+                max_object_size=settings.cache.max_object_size,
+            )
+        self.pipeline = Pipeline(
+            self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
+        )
         self.connections: set[DownstreamConnection] = set()
         self.servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
@@ -100,6 +112,8 @@ class ProxyApp:
     async def start(self, listen: Iterable[Address] | None = None) -> list[Address]:
         """Listen on every configured address; returns them with the bound ports."""
         loop = asyncio.get_running_loop()
+        if self.cache is not None:
+            await self.cache.storage.start()
         for address in listen if listen is not None else self.settings.server.listen:
             server = await loop.create_server(
                 lambda: DownstreamConnection(self),
@@ -139,5 +153,7 @@ class ProxyApp:
             await server.wait_closed()
         for group in self.groups.values():
             group.close()
+        if self.cache is not None:
+            await self.cache.storage.aclose()
         self.access_log.close()
         self.servers.clear()

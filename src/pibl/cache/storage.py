@@ -1,0 +1,87 @@
+"""The storage interface of the cache, and the registry of implementations.
+
+A storage keeps, per primary key (``CacheKey``), the variants stored for that URL (one per
+secondary key, RFC 9111 §4.1). Writers are fed from the exchange's callbacks, so ``write`` and
+``abort`` are plain methods; only ``commit`` may wait (Redis). A writer that is not committed
+leaves nothing behind (Pingora's ``HandleMiss``): a client that went away or an upstream reset
+never produces an entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from pibl.cache.key import CacheKey
+from pibl.cache.policy import StoredResponse
+from pibl.config import CacheSettings
+
+
+class CorruptEntry(Exception):
+    """A stored entry failed its integrity checks; it is treated as a miss and removed."""
+
+
+class CacheEntry(Protocol):
+    meta: StoredResponse
+    body_size: int
+
+    def read_body(self) -> bytes:
+        """The whole body, verified; raises ``CorruptEntry``."""
+        ...
+
+
+class CacheWriter(Protocol):
+    def write(self, data: bytes) -> bool:
+        """Append body bytes; False (and the write is abandoned) once the object is too big."""
+        ...
+
+    def abort(self) -> None: ...
+
+    async def commit(self) -> None:
+        """Make the entry visible, replacing the variant with the same secondary key."""
+        ...
+
+
+class CacheStorage(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def lookup(self, key: CacheKey) -> list[CacheEntry]: ...
+    def open_writer(self, meta: StoredResponse) -> CacheWriter: ...
+    async def update(self, entry: CacheEntry, meta: StoredResponse) -> None: ...
+    async def delete(self, key: CacheKey) -> int: ...
+    async def purge(self, prefix: str | None = None) -> int:
+        """Delete every entry whose URL starts with ``prefix`` (all when None)."""
+        ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+StorageFactory = Callable[[CacheSettings], CacheStorage]
+
+
+def _memory(settings: CacheSettings) -> CacheStorage:
+    from pibl.cache.memory import MemoryStorage
+
+    return MemoryStorage(settings.max_size, settings.max_object_size)
+
+
+def _disk(settings: CacheSettings) -> CacheStorage:
+    from pibl.cache.disk import DiskStorage
+
+    return DiskStorage(settings.path, settings.max_size, settings.max_object_size)
+
+
+STORAGES: dict[str, StorageFactory] = {"memory": _memory, "disk": _disk}
+
+
+def make_storage(settings: CacheSettings) -> CacheStorage:
+    try:
+        factory = STORAGES[settings.storage]
+    except KeyError:
+        raise ValueError(
+            f"cache storage {settings.storage!r} is not available; expected one of "
+            + ", ".join(sorted(STORAGES))
+        ) from None
+    return factory(settings)

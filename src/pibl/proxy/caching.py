@@ -1,0 +1,270 @@
+"""The cache phases of the pipeline: lookup, the response filter, serving a stored response.
+
+Policy (RFC 9111) lives in ``pibl.cache.policy`` as pure functions; storage behind
+``CacheStorage``. This module binds them to one request: it decides nothing about the order of
+phases, which stays in ``pipeline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pibl.cache.key import CacheKey, make_key
+from pibl.cache.policy import (
+    ERROR_STATUSES,
+    Action,
+    Decision,
+    StoredResponse,
+    cache_status,
+    client_conditional_matches,
+    decide,
+    matches_304_entry,
+    not_modified_headers,
+    revalidation_headers,
+    storable,
+    vary_matches,
+)
+from pibl.cache.storage import CacheEntry, CacheStorage, CorruptEntry
+from pibl.http.framing import response_head_bytes
+from pibl.http.head import Headers, RequestHead, ResponseHead
+from pibl.http.rules import VIA_VALUE
+from pibl.proxy.exchange import ResponsePlan
+
+if TYPE_CHECKING:
+    from pibl.accesslog import AccessRecord
+    from pibl.server.downstream import DownstreamConnection, RequestCycle
+
+log = logging.getLogger("pibl.cache")
+
+# How long a request waits for another request's fetch of the same URL before fetching itself
+# (nginx proxy_cache_lock_timeout is 5 s).
+COALESCE_WAIT = 5.0
+CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def select_variant(entries: list[CacheEntry], request: RequestHead) -> CacheEntry | None:
+    """§4.1: among the stored responses whose Vary fields match, the most recent."""
+    best: CacheEntry | None = None
+    for entry in entries:
+        if vary_matches(entry.meta.vary, request) and (
+            best is None or entry.meta.response_time > best.meta.response_time
+        ):
+            best = entry
+    return best
+
+
+class Lookup:
+    """The outcome of the cache-lookup phase for one request."""
+
+    __slots__ = ("decision", "entry", "fwd", "key", "request_time")
+
+    def __init__(self, key: CacheKey, request_time: float) -> None:
+        self.key = key
+        self.request_time = request_time
+        self.entry: CacheEntry | None = None
+        self.decision: Decision | None = None
+        self.fwd = "uri-miss"
+
+
+class ResponseFilter:
+    """The response-filter phase for a request that passed the cache: decides storability,
+    opens the cache writer and adds ``Cache-Status`` (RFC 9211) before the head goes out."""
+
+    def __init__(
+        self,
+        cache: HttpCache,
+        request: RequestHead,
+        lookup: Lookup | None,
+        record: AccessRecord,
+        *,
+        fwd: str,
+        revalidating: bool = False,
+        serve_stale_on_error: bool = False,
+    ) -> None:
+        self.cache = cache
+        self.request = request
+        self.lookup = lookup
+        self.record = record
+        self.fwd = fwd
+        self.revalidating = revalidating
+        self.serve_stale_on_error = serve_stale_on_error
+        self.response: ResponseHead | None = None
+        self.response_time = 0.0
+        self.intercepted = False
+
+    def __call__(self, response: ResponseHead) -> ResponsePlan:
+        self.response = response
+        self.response_time = now = time.time()
+        lookup = self.lookup
+        entry = lookup.entry if lookup is not None else None
+        if entry is not None:
+            if (
+                self.revalidating
+                and response.status == 304
+                and matches_304_entry(entry.meta, response.headers)
+            ):
+                self.intercepted = True  # freshen and serve the stored response (§4.3.4)
+                return ResponsePlan(forward=False)
+            if response.status in ERROR_STATUSES and self.serve_stale_on_error:
+                self.intercepted = True  # stale-if-error (RFC 5861 §4)
+                return ResponsePlan(forward=False)
+        cache = self.cache
+        request = self.request
+        if request.method not in CACHEABLE_METHODS:
+            value = cache_status(False, fwd="method", fwd_status=response.status)
+            self.record.cache_status = value.decode()
+            return ResponsePlan(extra_headers=[(b"Cache-Status", value)])
+        ok, reason = storable(request, response, default_ttl=cache.default_ttl, response_time=now)
+        if (
+            ok
+            and response.content_length is not None
+            and (response.content_length > cache.max_object_size)
+        ):
+            ok, reason = False, "too-large"
+        writer = None
+        if ok and lookup is not None:
+            meta = StoredResponse.from_exchange(
+                lookup.key,
+                request,
+                response,
+                request_time=lookup.request_time,
+                response_time=now,
+                default_ttl=cache.default_ttl,
+            )
+            writer = cache.storage.open_writer(meta)
+        value = cache_status(
+            False,
+            fwd=self.fwd,
+            stored=writer is not None,
+            detail=None if ok else reason,
+            fwd_status=response.status if self.fwd == "stale" else None,
+        )
+        self.record.cache_status = value.decode()
+        return ResponsePlan(extra_headers=[(b"Cache-Status", value)], writer=writer)
+
+
+class HttpCache:
+    """A shared HTTP cache in front of one storage; one per proxy."""
+
+    def __init__(self, storage: CacheStorage, *, default_ttl: float, max_object_size: int) -> None:
+        self.storage = storage
+        self.default_ttl = default_ttl
+        self.max_object_size = max_object_size
+        self._inflight: dict[CacheKey, asyncio.Future[None]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.stale = 0
+        self.revalidations = 0
+
+    async def lookup(self, request: RequestHead) -> Lookup:
+        lookup = Lookup(make_key(request), time.time())
+        entries = await self.storage.lookup(lookup.key)
+        if entries:
+            lookup.fwd = "vary-miss"
+            entry = select_variant(entries, request)
+            if entry is not None:
+                lookup.entry = entry
+                lookup.decision = decide(entry.meta, request, lookup.request_time)
+                lookup.fwd = lookup.decision.fwd or "stale"
+        return lookup
+
+    # -- request coalescing (nginx proxy_cache_lock) -----------------------------------------
+    def lead_fetch(self, key: CacheKey) -> asyncio.Future[None] | None:
+        """None when this request leads the fetch of ``key``; else the leader's future."""
+        future = self._inflight.get(key)
+        if future is not None and not future.done():
+            return future
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        return None
+
+    def end_fetch(self, key: CacheKey) -> None:
+        future = self._inflight.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def wait_for_leader(self, future: asyncio.Future[None]) -> None:
+        try:
+            async with asyncio.timeout(COALESCE_WAIT):
+                await asyncio.shield(future)
+        except TimeoutError:
+            log.info("gave up waiting for a concurrent fetch; fetching again")
+
+    # -- serving -------------------------------------------------------------------------------
+    def serve(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        request: RequestHead,
+        entry: CacheEntry,
+        meta: StoredResponse,
+        record: AccessRecord,
+        status_value: bytes,
+    ) -> bool:
+        """Answer ``request`` from a stored response; returns whether to keep the connection.
+
+        Raises ``CorruptEntry`` before anything is written when the body fails its checks.
+        """
+        now = time.time()
+        keep_open = request.keep_alive and cycle.body_done and down.app.keepalive_enabled
+        if client_conditional_matches(
+            request, meta.headers, status=meta.status, response_time=meta.response_time
+        ):
+            status, reason = 304, b"Not Modified"
+            headers: Headers = not_modified_headers(meta.headers)
+            body = b""
+        else:
+            status, reason = meta.status, meta.reason
+            # Re-framed like every message PIBL sends: the stored length is replaced.
+            headers = [
+                (n, v) for n, v in meta.headers_for_serving(now) if n.lower() not in _FRAMING
+            ]
+            if request.method == "HEAD":
+                body = b""
+                headers.append((b"Content-Length", b"%d" % entry.body_size))
+            else:
+                body = entry.read_body()
+                headers.append((b"Content-Length", b"%d" % len(body)))
+        headers.append((b"Via", VIA_VALUE))
+        headers.append((b"Cache-Status", status_value))
+        if not keep_open:
+            headers.append((b"Connection", b"close"))
+        elif request.version == "1.0":
+            headers.append((b"Connection", b"keep-alive"))
+        down.write(response_head_bytes(status, headers, reason) + body)
+        cycle.response_started = True
+        record.status = status
+        record.bytes_sent = len(body)
+        record.cache_status = status_value.decode()
+        return keep_open
+
+    def revalidation_request(self, request: RequestHead, entry: CacheEntry) -> RequestHead:
+        return request.with_headers(revalidation_headers(request.headers, entry.meta))
+
+    async def refresh(
+        self, entry: CacheEntry, response: ResponseHead, request_time: float, response_time: float
+    ) -> StoredResponse:
+        """Freshen ``entry`` with a matching 304 (§4.3.4) and store the result."""
+        meta = entry.meta.freshened(
+            response.headers, request_time=request_time, response_time=response_time
+        )
+        await self.storage.update(entry, meta)
+        self.revalidations += 1
+        return meta
+
+    async def invalidate(self, keys: list[CacheKey]) -> None:
+        for key in keys:
+            await self.storage.delete(key)
+
+
+__all__ = [
+    "Action",
+    "CorruptEntry",
+    "HttpCache",
+    "Lookup",
+    "ResponseFilter",
+    "select_variant",
+]
