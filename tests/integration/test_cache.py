@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
+from pibl.balancer.upstream import Address
 from pibl.cache.policy import format_http_date
 from tests.support import (
     Client,
@@ -275,23 +279,51 @@ async def test_unsafe_request_invalidates_the_stored_response() -> None:
 
 
 async def test_client_gone_mid_body_leaves_no_entry() -> None:
-    seen: list[Received] = []
+    release = asyncio.Event()
+    upstream_done = asyncio.Event()
 
-    def big(req: Received) -> Reply:
-        seen.append(req)
-        return Reply(headers=[(b"Cache-Control", b"max-age=600")], stream_size=8 << 20)
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 200000\r\n\r\n"
+        )
+        writer.write(b"a" * 100_000)
+        await release.wait()  # the rest only after the client has gone
+        writer.write(b"b" * 100_000)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.transport.abort()
+        upstream_done.set()
 
-    async with running_backends(big) as backends:
-        settings = cached(backends, max_object_size="16MiB", max_size="64MiB")
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        settings = make_settings([Address(host, port)], cache={"enabled": True})
         async with running_proxy(settings) as app:
             client = await Client.connect(app.addresses[0])
             await client.send(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
-            await client.reader.readexactly(100_000)
+            await client.reader.readexactly(50_000)
+            # A reset, as when a client process dies (a FIN alone is a legal half-close, after
+            # which PIBL still delivers the response, like HAProxy without abortonclose).
+            sock = client.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.writer.transport.abort()
             await client.aclose()
-            # The proxy notices and aborts the write: once the request is over, nothing is stored.
-            await wait_until(lambda: bool(seen) and not app.connections)
+            await wait_until(lambda: not app.connections)  # PIBL saw the client leave
+            release.set()
+            await asyncio.wait_for(upstream_done.wait(), 5)
             assert app.cache.storage.stats()["entries"] == 0
+            # The next request is a miss that fetches again.
+            assert (await app.cache.storage.lookup(make_key_for("h", "/big"))) == []
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def make_key_for(host: str, path: str) -> Any:
+    from pibl.cache.key import CacheKey
+
+    return CacheKey("http", host, path)
 
 
 async def test_upstream_reset_mid_body_leaves_no_entry() -> None:

@@ -34,6 +34,13 @@ class UpstreamGroup:
             return None
         return self.strategy.select(candidates, request)
 
+    async def choose(self, request: RequestHead, tried: Sequence[Upstream] = ()) -> Upstream | None:
+        """The upstream for the next attempt (``select``; waits when servers are at capacity)."""
+        return self.select(request, tried)
+
+    def observe(self, upstream: Upstream, *, ok: bool) -> None:
+        """The outcome of one attempt on ``upstream``, for passive health checking."""
+
     def pool_for(self, upstream: Upstream) -> ConnectionPool:
         return self.pools[upstream.key]
 

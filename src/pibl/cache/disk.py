@@ -35,6 +35,8 @@ _CRC = struct.Struct(">I")
 _PREFIX = len(MAGIC) + _HEAD.size
 # A meta section larger than this is not something PIBL wrote.
 MAX_META_BYTES = 1 << 20
+# Read size when checking a body's CRC at lookup (the body itself is not kept).
+_READ_BLOCK = 256 * 1024
 
 
 def variant_name(meta: StoredResponse) -> str:
@@ -78,8 +80,12 @@ def _decode(data: bytes, path: Path) -> tuple[StoredResponse, bytes]:
     return meta, data[_PREFIX + meta_len : end]
 
 
-def _read_meta(path: Path) -> tuple[StoredResponse, int]:
-    """Meta and body size of the entry at ``path``, without reading the body."""
+def _read_meta(path: Path, *, verify: bool = True) -> tuple[StoredResponse, int]:
+    """Meta and body size of the entry at ``path``, without keeping the body.
+
+    With ``verify`` the CRC is checked as on a full read: it covers the meta too, and a flipped
+    byte in a stored header must not be served (on a HEAD or a 304 the body is never read).
+    """
     with path.open("rb") as handle:
         prefix = handle.read(_PREFIX)
         if len(prefix) != _PREFIX or not prefix.startswith(MAGIC):
@@ -90,8 +96,20 @@ def _read_meta(path: Path) -> tuple[StoredResponse, int]:
         size = os.fstat(handle.fileno()).st_size
         if size != _PREFIX + meta_len + body_len + _CRC.size:
             raise CorruptEntry(f"{path}: truncated")
+        meta_bytes = handle.read(meta_len)
+        crc = zlib.crc32(meta_bytes)
+        left = body_len if verify else 0
+        while left > 0:
+            block = handle.read(min(left, _READ_BLOCK))
+            if not block:
+                raise CorruptEntry(f"{path}: truncated")
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+        trailer = handle.read(_CRC.size) if verify else b""
+        if verify and (len(trailer) != _CRC.size or _CRC.unpack(trailer)[0] != crc):
+            raise CorruptEntry(f"{path}: checksum mismatch")
         try:
-            meta = StoredResponse.from_bytes(handle.read(meta_len))
+            meta = StoredResponse.from_bytes(meta_bytes)
         except ValueError as error:
             raise CorruptEntry(f"{path}: {error}") from error
     return meta, body_len
@@ -144,6 +162,12 @@ class DiskWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit() or abort() must not leak its descriptor and file.
+        if getattr(self, "_fd", None) is not None:
+            with contextlib.suppress(OSError):
+                self.abort()
 
     async def commit(self) -> None:
         fd = self._fd
@@ -210,6 +234,9 @@ class DiskStorage:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
+        except NotADirectoryError:  # a stray file where the key's folder belongs: not ours
+            self._remove(directory)
+            return []
         entries: list[CacheEntry] = []
         for name in names:
             path = directory / name
@@ -264,6 +291,9 @@ class DiskStorage:
             names = os.listdir(directory)
         except FileNotFoundError:
             return 0
+        except NotADirectoryError:
+            self._remove(directory)
+            return 0
         for name in names:
             self._remove(directory / name)
         with contextlib.suppress(OSError):
@@ -275,7 +305,7 @@ class DiskStorage:
         for path in list(self._index):
             if prefix is not None:
                 try:
-                    meta, _ = _read_meta(path)
+                    meta, _ = _read_meta(path, verify=False)  # only the URL is needed
                 except (CorruptEntry, OSError):
                     self._remove(path)
                     continue

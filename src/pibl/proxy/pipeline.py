@@ -78,6 +78,8 @@ class Pipeline:
         self.access_log = access_log
         self.read_timeout = read_timeout
         self.cache = cache
+        # Called with every finished request's record (metrics, stats), after the access log.
+        self.record_observers: list[Callable[[AccessRecord], None]] = []
         self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, down: DownstreamConnection, cycle: RequestCycle) -> bool:
@@ -113,6 +115,8 @@ class Pipeline:
             record.total_time = time.time() - cycle.start_time
             record.bytes_received = cycle.body_received
             self.access_log.log(record)
+            for observe in self.record_observers:
+                observe(record)
         return keep_open
 
     @staticmethod
@@ -324,7 +328,7 @@ class Pipeline:
         retry_upstream: Upstream | None = None
         while True:
             # phase 4: select upstream
-            upstream = retry_upstream or group.select(head, tried)
+            upstream = retry_upstream or await group.choose(head, tried)
             retry_upstream = None
             if upstream is None:
                 raise last_error or NoUpstreamAvailable(f"no server available in {group.name!r}")
@@ -354,12 +358,15 @@ class Pipeline:
                     pool.discard(conn)  # phase 11: a broken message never goes back
                     raise
                 pool.release(conn)  # phase 11: reused only if the message ended cleanly
+                status = exchange.response.status if exchange.response else 0
+                group.observe(upstream, ok=status < 500)  # passive health (outlier detection)
                 record.bytes_sent = exchange.bytes_sent
                 record.upstream_time = time.monotonic() - started
                 record.upstream_status = exchange.response.status if exchange.response else None
                 return exchange
             except UpstreamError as error:
                 upstream.errors += 1
+                group.observe(upstream, ok=False)
                 record.upstream_time = time.monotonic() - started
                 last_error = error
                 response_started = exchange is not None and exchange.head_sent

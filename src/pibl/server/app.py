@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 from pibl.accesslog import AccessLog, AccessLogger, NullAccessLog
 from pibl.balancer.group import UpstreamGroup
@@ -58,6 +59,13 @@ def build_router(settings: Settings, groups: dict[str, UpstreamGroup]) -> Router
     return Router(routes)
 
 
+class Service(Protocol):
+    """A background part of the proxy with its own tasks or sockets."""
+
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
 class ProxyApp:
     """A configured proxy: call ``start()`` to listen and ``aclose()`` to stop."""
 
@@ -88,6 +96,9 @@ class ProxyApp:
             self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
         )
         self.connections: set[DownstreamConnection] = set()
+        # Background parts (health checkers, the admin listener): started after the listeners,
+        # closed before the pools.
+        self.services: list[Service] = []
         self.servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
         self._trusted_cache: dict[str, bool] = {}
@@ -128,6 +139,8 @@ class ProxyApp:
                 self.addresses.append(Address(host, port))
         for address in self.addresses:
             log.info("listening on http://%s", address)
+        for service in self.services:
+            await service.start()
         return self.addresses
 
     async def aclose(self, timeout: float | None = None) -> None:
@@ -149,6 +162,8 @@ class ProxyApp:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for conn in list(self.connections):
             conn.abort()
+        for service in self.services:
+            await service.aclose()  # works after a partial start too
         for server in self.servers:
             await server.wait_closed()
         for group in self.groups.values():
