@@ -211,3 +211,25 @@ async def test_slow_request_head_gets_408() -> None:
             assert response.status == 408
             assert await client.is_closed()
             await client.aclose()
+
+
+async def test_listener_max_connections_makes_extra_connections_wait() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, server={"max_connections": 2})
+        async with running_proxy(settings) as app:
+            first = await Client.connect(app.addresses[0])
+            second = await Client.connect(app.addresses[0])
+            assert (await first.request()).status == 200
+            assert (await second.request()).status == 200
+            third = await Client.connect(app.addresses[0])
+            await third.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
+            # Established connections keep being served while the third one waits.
+            assert (await first.request()).status == 200
+            assert len(app.waiting) == 1
+            assert [r.target for r in backends[0].requests].count(b"/third") == 0
+            await second.aclose()  # a slot frees: the waiting connection is served
+            response = await third.read_response()
+            assert response.status == 200
+            assert response.body == b"b1 GET /third\n"
+            for client in (first, third):
+                await client.aclose()

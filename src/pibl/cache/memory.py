@@ -103,6 +103,9 @@ class MemoryStorage:
             self.count += 1
         self.size += entry.size
         self._entries.move_to_end(key)
+        self._evict()
+
+    def _evict(self) -> None:
         while self.size > self.max_size and self._entries:
             _, evicted = self._entries.popitem(last=False)
             for old in evicted:
@@ -117,6 +120,8 @@ class MemoryStorage:
                 fresh = MemoryEntry(meta, old.body)
                 self.size += fresh.size - old.size
                 variants[index] = fresh
+                self._entries.move_to_end(meta.key)
+                self._evict()  # fresh fields from a 304 may have made it bigger
                 return
 
     async def delete(self, key: CacheKey) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -96,6 +97,8 @@ class ProxyApp:
             self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
         )
         self.connections: set[DownstreamConnection] = set()
+        self.max_connections = server.max_connections
+        self.waiting: deque[DownstreamConnection] = deque()  # accepted beyond max_connections
         # Background parts (health checkers, the admin listener): started after the listeners,
         # closed before the pools.
         self.services: list[Service] = []
@@ -160,7 +163,7 @@ class ProxyApp:
         while any(c.task is not None for c in self.connections) and loop.time() < deadline:
             tasks = [c.task for c in self.connections if c.task is not None]
             await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.waiting]:
             conn.abort()
         for service in self.services:
             await service.aclose()  # works after a partial start too

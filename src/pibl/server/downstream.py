@@ -8,6 +8,7 @@ requests are queued, so pipelined requests are answered strictly in order (RFC 9
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -115,6 +116,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.upgrade_leftover = b""
         self._timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._held: bytes | None = None  # bytes of a connection waiting for admission
         self._head_bytes = 0
         self._in_head = False
         self._url = b""
@@ -130,10 +132,36 @@ class DownstreamConnection(asyncio.Protocol):
             self.client_ip = str(peer[0])
             self.client_addr = f"{peer[0]}:{peer[1]}"
         self.is_trusted = self.app.is_trusted(self.client_ip)
+        app = self.app
+        if app.max_connections and len(app.connections) >= app.max_connections:
+            # Over the listener's limit: the connection waits, unread, until a slot frees
+            # (HAProxy maxconn); those already established keep being served.
+            self.transport.pause_reading()
+            self._held = b""
+            app.waiting.append(self)
+            return
+        self.admit()
+
+    def admit(self) -> None:
+        """Start serving this connection (at once, or when a slot under the limit frees)."""
+        if self.is_closed or self.transport is None:
+            return
         self.app.connections.add(self)
         self._arm(self.limits.client_header_timeout, self._on_head_timeout)
+        held, self._held = self._held, None
+        if held is not None:
+            if not self.reading_paused:
+                self.transport.resume_reading()
+            if held:
+                self.data_received(held)
 
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:
+            # Not admitted yet (over max_connections): keep what already arrived, read no more.
+            self._held += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self.tunnel_sink is not None:
             self.tunnel_sink(data)
             return
@@ -179,7 +207,14 @@ class DownstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._write_timer is not None:
             self._write_timer.cancel()
-        self.app.connections.discard(self)
+        app = self.app
+        if self in app.connections:
+            app.connections.discard(self)
+            while app.waiting and len(app.connections) < (app.max_connections or 1 << 62):
+                app.waiting.popleft().admit()
+        else:
+            with contextlib.suppress(ValueError):
+                app.waiting.remove(self)
         if self.on_lost is not None:
             self.on_lost()
 

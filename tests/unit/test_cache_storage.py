@@ -1,0 +1,723 @@
+"""The ``CacheStorage`` contract, run over every registered storage, plus disk-only guarantees.
+
+One suite for every implementation in ``STORAGES`` (DESIGN.md §3: contract tests run one suite
+over every implementation of a protocol). The disk storage additionally promises that entries
+survive a restart, that a corrupt, foreign or misplaced file is never served (and is removed),
+that a full disk only costs caching, and that file names never contain any part of the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import logging
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pibl.cache.disk as disk_module
+from pibl.cache.disk import MAGIC, DiskStorage, variant_name
+from pibl.cache.key import CacheKey
+from pibl.cache.policy import SecondaryKey, StoredResponse
+from pibl.cache.storage import STORAGES, CacheEntry, CacheStorage, CorruptEntry
+from pibl.config import CacheSettings
+
+MIB = 1 << 20
+KEY = CacheKey("http", "example.com", "/a")
+OTHER = CacheKey("http", "example.com", "/b")
+GZIP: SecondaryKey = (("accept-encoding", "gzip"),)
+BR: SecondaryKey = (("accept-encoding", "br"),)
+HEX_NAME = re.compile(r"[0-9a-f]+")
+
+MakeStorage = Callable[..., Awaitable[CacheStorage]]
+
+
+def make_meta(
+    key: CacheKey = KEY, *, vary: SecondaryKey = (), tag: str = "1", at: float = 1000.0
+) -> StoredResponse:
+    return StoredResponse(
+        key=key,
+        status=200,
+        reason=b"OK",
+        headers=[
+            (b"Cache-Control", b"max-age=600"),
+            (b"Content-Type", b"text/plain"),
+            (b"X-Tag", tag.encode()),
+        ],
+        request_time=at,
+        response_time=at + 0.5,
+        vary=vary,
+    )
+
+
+async def store(storage: CacheStorage, meta: StoredResponse, body: bytes) -> None:
+    writer = storage.open_writer(meta)
+    for start in range(0, len(body), 1000):
+        assert writer.write(body[start : start + 1000])
+    await writer.commit()
+
+
+async def variants(storage: CacheStorage, key: CacheKey) -> dict[SecondaryKey, CacheEntry]:
+    """The stored variants of ``key`` by secondary key (each at most once)."""
+    entries = await storage.lookup(key)
+    by_vary = {entry.meta.vary: entry for entry in entries}
+    assert len(by_vary) == len(entries), "two entries with one secondary key"
+    return by_vary
+
+
+async def only_entry(storage: CacheStorage, key: CacheKey) -> CacheEntry:
+    entries = await storage.lookup(key)
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def tmp_files(root: Path) -> list[Path]:
+    folder = root / "tmp"
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+def names_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def files_under(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file()]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(params=sorted(STORAGES))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def make_storage(kind: str, tmp_path: Path) -> AsyncIterator[MakeStorage]:
+    """Builds started storages through the registry; each in its own folder unless named."""
+    started: list[CacheStorage] = []
+
+    async def make(
+        *, max_size: int = 64 * MIB, max_object_size: int = MIB, folder: str = "cache"
+    ) -> CacheStorage:
+        config = CacheSettings(
+            enabled=True,
+            storage=kind,
+            path=str(tmp_path / folder),
+            max_size=max_size,
+            max_object_size=max_object_size,
+        )
+        storage = STORAGES[kind](config)
+        await storage.start()
+        started.append(storage)
+        return storage
+
+    yield make
+    for storage in started:
+        await storage.aclose()
+
+
+@pytest.fixture
+async def storage(make_storage: MakeStorage) -> CacheStorage:
+    return await make_storage()
+
+
+@pytest.fixture
+async def disk(tmp_path: Path) -> AsyncIterator[DiskStorage]:
+    storage = DiskStorage(str(tmp_path / "cache"), 64 * MIB, MIB)
+    await storage.start()
+    yield storage
+    await storage.aclose()
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+def test_registry_builds_every_storage_without_side_effects(tmp_path: Path) -> None:
+    for name, factory in STORAGES.items():
+        config = CacheSettings(enabled=True, storage=name, path=str(tmp_path / name))
+        assert factory(config).name == name
+    assert list(tmp_path.iterdir()) == []  # constructors touch nothing; start() does
+
+
+async def test_lookup_on_empty_storage_misses(storage: CacheStorage) -> None:
+    assert await storage.lookup(KEY) == []
+    assert storage.stats()["entries"] == 0
+    assert storage.stats()["bytes"] == 0
+
+
+async def test_committed_entry_is_returned_with_equal_meta_and_body(storage: CacheStorage) -> None:
+    meta = make_meta()
+    body = bytes(range(256)) * 40
+    await store(storage, meta, body)
+    entry = await only_entry(storage, KEY)
+    assert entry.meta == meta
+    assert entry.body_size == len(body)
+    assert entry.read_body() == body
+    assert await storage.lookup(OTHER) == []
+
+
+async def test_empty_body_is_stored(storage: CacheStorage) -> None:
+    writer = storage.open_writer(make_meta())
+    await writer.commit()
+    entry = await only_entry(storage, KEY)
+    assert entry.body_size == 0
+    assert entry.read_body() == b""
+
+
+async def test_entry_is_invisible_until_commit(storage: CacheStorage) -> None:
+    writer = storage.open_writer(make_meta())
+    assert writer.write(b"partial")
+    assert await storage.lookup(KEY) == []
+    await writer.commit()
+    assert (await only_entry(storage, KEY)).read_body() == b"partial"
+
+
+async def test_aborted_writer_leaves_nothing(storage: CacheStorage, tmp_path: Path) -> None:
+    writer = storage.open_writer(make_meta())
+    assert writer.write(b"x" * 5000)
+    writer.abort()
+    assert writer.write(b"more") is False
+    await writer.commit()  # too late: an aborted write stays aborted
+    assert await storage.lookup(KEY) == []
+    assert storage.stats()["entries"] == 0
+    assert tmp_files(tmp_path / "cache") == []
+
+
+async def test_abort_keeps_the_previous_entry(storage: CacheStorage) -> None:
+    await store(storage, make_meta(tag="old"), b"old body")
+    writer = storage.open_writer(make_meta(tag="new"))
+    assert writer.write(b"new body")
+    writer.abort()
+    entry = await only_entry(storage, KEY)
+    assert entry.meta == make_meta(tag="old")
+    assert entry.read_body() == b"old body"
+
+
+async def test_writer_never_committed_leaves_nothing(storage: CacheStorage, tmp_path: Path) -> None:
+    writer = storage.open_writer(make_meta())
+    assert writer.write(b"y" * 5000)
+    del writer  # the client went away and nobody called abort()
+    gc.collect()
+    assert await storage.lookup(KEY) == []
+    assert storage.stats()["entries"] == 0
+    assert tmp_files(tmp_path / "cache") == []
+
+
+async def test_writer_over_max_object_size_stores_nothing(
+    make_storage: MakeStorage, tmp_path: Path
+) -> None:
+    storage = await make_storage(max_object_size=1000)
+    await store(storage, make_meta(tag="old"), b"o" * 1000)  # exactly the limit is fine
+    writer = storage.open_writer(make_meta(tag="new"))
+    assert writer.write(b"z" * 600)
+    assert writer.write(b"z" * 600) is False
+    assert writer.write(b"z") is False
+    await writer.commit()
+    entry = await only_entry(storage, KEY)
+    assert entry.meta.headers == make_meta(tag="old").headers
+    assert entry.read_body() == b"o" * 1000
+    assert tmp_files(tmp_path / "cache") == []
+
+
+async def test_same_secondary_key_replaces(storage: CacheStorage) -> None:
+    await store(storage, make_meta(vary=GZIP, tag="1"), b"first")
+    await store(storage, make_meta(vary=GZIP, tag="2", at=2000), b"second")
+    entry = await only_entry(storage, KEY)
+    assert entry.meta == make_meta(vary=GZIP, tag="2", at=2000)
+    assert entry.read_body() == b"second"
+    assert storage.stats()["entries"] == 1
+
+
+async def test_different_secondary_key_adds_a_variant(storage: CacheStorage) -> None:
+    await store(storage, make_meta(vary=GZIP), b"gzip body")
+    await store(storage, make_meta(vary=BR), b"br body")
+    await store(storage, make_meta(vary=()), b"plain body")
+    found = await variants(storage, KEY)
+    assert set(found) == {GZIP, BR, ()}
+    assert found[GZIP].read_body() == b"gzip body"
+    assert found[BR].read_body() == b"br body"
+    assert found[()].read_body() == b"plain body"
+    assert storage.stats()["entries"] == 3
+
+
+async def test_update_replaces_meta_and_keeps_body(storage: CacheStorage) -> None:
+    await store(storage, make_meta(vary=GZIP, tag="old"), b"gzip body")
+    await store(storage, make_meta(vary=BR, tag="br"), b"br body")
+    entry = (await variants(storage, KEY))[GZIP]
+    fresh = make_meta(vary=GZIP, tag="fresh", at=5000)
+    await storage.update(entry, fresh)
+    found = await variants(storage, KEY)
+    assert set(found) == {GZIP, BR}
+    assert found[GZIP].meta == fresh
+    assert found[GZIP].read_body() == b"gzip body"
+    assert found[BR].meta == make_meta(vary=BR, tag="br")
+    assert storage.stats()["entries"] == 2
+
+
+async def test_delete_removes_every_variant_and_counts_them(storage: CacheStorage) -> None:
+    for vary in (GZIP, BR, ()):
+        await store(storage, make_meta(vary=vary), b"body")
+    await store(storage, make_meta(OTHER), b"other")
+    assert await storage.delete(KEY) == 3
+    assert await storage.lookup(KEY) == []
+    assert (await only_entry(storage, OTHER)).read_body() == b"other"
+    assert await storage.delete(KEY) == 0
+    assert storage.stats()["entries"] == 1
+    assert await storage.delete(OTHER) == 1
+    assert storage.stats() | {"evictions": 0} == {"entries": 0, "bytes": 0, "evictions": 0}
+
+
+async def test_purge_by_prefix_then_everything(storage: CacheStorage) -> None:
+    keys = [
+        CacheKey("http", "example.com", "/p/1"),
+        CacheKey("http", "example.com", "/p/2"),
+        CacheKey("http", "example.com", "/q/1"),
+        CacheKey("http", "other.com", "/p/1"),
+    ]
+    for key in keys:
+        await store(storage, make_meta(key), key.url.encode())
+    await store(storage, make_meta(keys[0], vary=GZIP), b"variant")
+    assert await storage.purge("http://example.com/p/") == 3
+    assert await storage.lookup(keys[0]) == []
+    assert await storage.lookup(keys[1]) == []
+    assert (await only_entry(storage, keys[2])).read_body() == keys[2].url.encode()
+    assert (await only_entry(storage, keys[3])).read_body() == keys[3].url.encode()
+    assert await storage.purge("http://nothing/") == 0
+    assert await storage.purge() == 2
+    for key in keys:
+        assert await storage.lookup(key) == []
+    assert storage.stats()["entries"] == 0
+    assert storage.stats()["bytes"] == 0
+
+
+async def test_eviction_bounds_bytes_and_drops_least_recently_used(
+    make_storage: MakeStorage,
+) -> None:
+    body = b"e" * 10_000
+    keys = [CacheKey("http", "example.com", f"/e{i}") for i in range(6)]
+    probe = await make_storage(folder="probe")
+    await store(probe, make_meta(keys[0]), body)
+    one = probe.stats()["bytes"]
+    assert one >= len(body)
+
+    max_size = 3 * one + one // 2  # room for three entries, not four
+    storage = await make_storage(max_size=max_size, max_object_size=len(body))
+    for key in keys[:3]:
+        await store(storage, make_meta(key), body)
+    assert storage.stats()["entries"] == 3
+    assert storage.stats()["evictions"] == 0
+    assert await storage.lookup(keys[0])  # keys[0] is now the most recently used
+    await store(storage, make_meta(keys[3]), body)
+    stats = storage.stats()
+    assert stats["bytes"] <= max_size
+    assert stats["entries"] == 3
+    assert stats["evictions"] == 1
+    assert await storage.lookup(keys[1]) == []  # the least recently used went first
+    for key in (keys[0], keys[2], keys[3]):
+        assert (await only_entry(storage, key)).read_body() == body
+    for key in keys[4:]:
+        await store(storage, make_meta(key), body)
+        assert storage.stats()["bytes"] <= max_size
+    assert await storage.lookup(keys[4])
+    assert await storage.lookup(keys[5])
+
+
+async def test_update_that_grows_an_entry_still_respects_max_size(
+    make_storage: MakeStorage,
+) -> None:
+    body = b"u" * 10_000
+    keys = [CacheKey("http", "example.com", f"/u{i}") for i in range(3)]
+    probe = await make_storage(folder="probe")
+    await store(probe, make_meta(keys[0]), body)
+    one = probe.stats()["bytes"]
+
+    max_size = 3 * one + 1000
+    storage = await make_storage(max_size=max_size, max_object_size=len(body))
+    for key in keys:
+        await store(storage, make_meta(key), body)
+    entry = await only_entry(storage, keys[0])
+    bigger = make_meta(keys[0], tag="t" * 5000, at=3000)  # e.g. a 304 adding fields
+    await storage.update(entry, bigger)
+    assert storage.stats()["bytes"] <= max_size
+    updated = await only_entry(storage, keys[0])  # just refreshed: not the one evicted
+    assert updated.meta == bigger
+    assert updated.read_body() == body
+    assert await storage.lookup(keys[1]) == []
+
+
+async def test_stats_count_entries_and_bytes(storage: CacheStorage) -> None:
+    stats = storage.stats()
+    assert {"entries", "bytes", "evictions"} <= set(stats)
+    await store(storage, make_meta(vary=GZIP), b"a" * 3000)
+    await store(storage, make_meta(vary=BR), b"b" * 3000)
+    stats = storage.stats()
+    assert stats["entries"] == 2
+    assert stats["bytes"] >= 6000
+    await storage.delete(KEY)
+    assert storage.stats()["entries"] == 0
+    assert storage.stats()["bytes"] == 0
+
+
+# --------------------------------------------------------------------------- a model
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("open"), st.integers(0, 2), st.integers(0, 1), st.binary(max_size=3000)),
+        st.tuples(st.just("commit"), st.integers(0, 7)),
+        st.tuples(st.just("abort"), st.integers(0, 7)),
+        st.tuples(st.just("delete"), st.integers(0, 2)),
+    ),
+    max_size=25,
+)
+_MODEL_KEYS = [CacheKey("http", "example.com", f"/m{i}") for i in range(3)]
+_MODEL_VARY: list[SecondaryKey] = [(), GZIP]
+
+
+async def _check_model(kind: str, folder: str, ops: list[tuple[Any, ...]]) -> None:
+    config = CacheSettings(enabled=True, storage=kind, path=folder)
+    storage = STORAGES[kind](config)
+    await storage.start()
+    model: dict[tuple[CacheKey, SecondaryKey], tuple[StoredResponse, bytes]] = {}
+    pending: list[tuple[Any, StoredResponse, bytes]] = []
+    try:
+        for serial, op in enumerate(ops):
+            if op[0] == "open":
+                meta = make_meta(_MODEL_KEYS[op[1]], vary=_MODEL_VARY[op[2]], tag=str(serial))
+                writer = storage.open_writer(meta)
+                assert writer.write(op[3])
+                pending.append((writer, meta, op[3]))
+            elif op[0] in ("commit", "abort") and pending:
+                writer, meta, body = pending.pop(op[1] % len(pending))
+                if op[0] == "commit":
+                    await writer.commit()
+                    model[(meta.key, meta.vary)] = (meta, body)
+                else:
+                    writer.abort()
+            elif op[0] == "delete":
+                key = _MODEL_KEYS[op[1]]
+                expected = [k for k in model if k[0] == key]
+                for k in expected:
+                    del model[k]
+                assert await storage.delete(key) == len(expected)
+            for key in _MODEL_KEYS:
+                found = await variants(storage, key)
+                want = {vary: value for (k, vary), value in model.items() if k == key}
+                assert {vary: entry.meta for vary, entry in found.items()} == {
+                    vary: meta for vary, (meta, _) in want.items()
+                }
+                for vary, entry in found.items():
+                    assert entry.read_body() == want[vary][1]
+            assert storage.stats()["entries"] == len(model)
+    finally:
+        for writer, _, _ in pending:
+            writer.abort()
+        await storage.aclose()
+    if kind == "disk":
+        assert tmp_files(Path(folder)) == []
+
+
+@pytest.mark.parametrize("kind", sorted(STORAGES))
+@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS)
+def test_lookups_always_match_a_model(kind: str, ops: list[tuple[Any, ...]]) -> None:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+        runner.run(_check_model(kind, folder, ops))
+
+
+# --------------------------------------------------------------------------- disk only
+
+
+def entry_path(storage: DiskStorage, meta: StoredResponse) -> Path:
+    return storage.key_dir(meta.key) / variant_name(meta)
+
+
+async def test_disk_entries_survive_a_restart(tmp_path: Path) -> None:
+    folder = str(tmp_path / "cache")
+    first = DiskStorage(folder, 64 * MIB, MIB)
+    await first.start()
+    await store(first, make_meta(vary=GZIP), b"gzip body")
+    await store(first, make_meta(vary=BR), b"br body")
+    await store(first, make_meta(OTHER), b"other body")
+    stats = first.stats()
+    await first.aclose()
+
+    second = DiskStorage(folder, 64 * MIB, MIB)
+    await second.start()
+    try:
+        assert second.stats() == stats
+        found = await variants(second, KEY)
+        assert {vary: e.meta for vary, e in found.items()} == {
+            GZIP: make_meta(vary=GZIP),
+            BR: make_meta(vary=BR),
+        }
+        assert found[GZIP].read_body() == b"gzip body"
+        assert found[BR].read_body() == b"br body"
+        assert (await only_entry(second, OTHER)).read_body() == b"other body"
+        assert await second.purge() == 3
+    finally:
+        await second.aclose()
+
+
+async def test_disk_restart_applies_a_smaller_max_size(tmp_path: Path) -> None:
+    folder = str(tmp_path / "cache")
+    first = DiskStorage(folder, 64 * MIB, MIB)
+    await first.start()
+    for i in range(5):
+        await store(first, make_meta(CacheKey("http", "h", f"/{i}")), b"r" * 10_000)
+    one = first.stats()["bytes"] // 5
+    await first.aclose()
+    second = DiskStorage(folder, 2 * one + one // 2, MIB)
+    await second.start()
+    try:
+        assert second.stats()["entries"] == 2
+        assert second.stats()["bytes"] <= 2 * one + one // 2
+        assert len(files_under(tmp_path / "cache")) == 2
+    finally:
+        await second.aclose()
+
+
+async def test_disk_removes_leftover_tmp_files_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    (root / "tmp").mkdir(parents=True)
+    (root / "tmp" / "0123abcd.tmp").write_bytes(MAGIC + b"half written")
+    (root / "tmp" / "other").write_bytes(b"x")
+    storage = DiskStorage(str(root), 64 * MIB, MIB)
+    await storage.start()
+    try:
+        assert tmp_files(root) == []
+        assert storage.stats()["entries"] == 0
+    finally:
+        await storage.aclose()
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
+
+
+def _damage(kind: str, data: bytes, foreign: bytes) -> bytes:
+    tag = data.index(b"tag-value")
+    body = data.index(b"the stored body")
+    return {
+        "empty": b"",
+        "magic-only": MAGIC,
+        "truncated-half": data[: len(data) // 2],
+        "truncated-crc": data[:-1],
+        "one-byte-too-long": data + b"\0",
+        "flip-magic": _flip(data, 0),
+        "flip-lengths": _flip(data, len(MAGIC) + 3),
+        "flip-meta-header-value": _flip(data, tag),  # still valid JSON: only the CRC tells
+        "flip-body": _flip(data, body + 4),
+        "flip-crc": _flip(data, len(data) - 1),
+        "random-bytes": os.urandom(len(data)),
+        "random-after-magic": MAGIC + os.urandom(len(data)),
+        "valid-file-of-another-url": foreign,
+    }[kind]
+
+
+DAMAGE = [
+    "empty",
+    "magic-only",
+    "truncated-half",
+    "truncated-crc",
+    "one-byte-too-long",
+    "flip-magic",
+    "flip-lengths",
+    "flip-meta-header-value",
+    "flip-body",
+    "flip-crc",
+    "random-bytes",
+    "random-after-magic",
+    "valid-file-of-another-url",
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("restart", [False, True], ids=["live", "restarted"])
+async def test_disk_never_returns_a_damaged_file_and_removes_it(
+    tmp_path: Path, damage: str, restart: bool
+) -> None:
+    folder = str(tmp_path / "cache")
+    storage = DiskStorage(folder, 64 * MIB, MIB)
+    await storage.start()
+    meta = StoredResponse(
+        key=KEY,
+        status=200,
+        reason=b"OK",
+        headers=[(b"Cache-Control", b"max-age=600"), (b"X-Tag", b"tag-value")],
+        request_time=1.0,
+        response_time=2.0,
+    )
+    await store(storage, meta, b"the stored body" * 20)
+    await store(storage, make_meta(OTHER), b"the other body")
+    path = entry_path(storage, meta)
+    foreign = entry_path(storage, make_meta(OTHER)).read_bytes()
+    path.write_bytes(_damage(damage, path.read_bytes(), foreign))
+    if restart:
+        await storage.aclose()
+        storage = DiskStorage(folder, 64 * MIB, MIB)
+        await storage.start()
+    try:
+        assert await storage.lookup(KEY) == []
+        assert not path.exists()
+        assert storage.stats()["entries"] == 1
+        assert (await only_entry(storage, OTHER)).read_body() == b"the other body"
+        await store(storage, meta, b"stored again")  # the key works again
+        assert (await only_entry(storage, KEY)).read_body() == b"stored again"
+    finally:
+        await storage.aclose()
+
+
+async def test_disk_body_changed_after_lookup_is_detected_on_read(disk: DiskStorage) -> None:
+    await store(disk, make_meta(), b"original body")
+    entry = await only_entry(disk, KEY)
+    path = entry_path(disk, make_meta())
+    path.write_bytes(_flip(path.read_bytes(), len(path.read_bytes()) - 8))
+    with pytest.raises(CorruptEntry):
+        entry.read_body()
+
+
+async def test_disk_a_file_where_the_key_folder_belongs_is_a_miss(disk: DiskStorage) -> None:
+    folder = disk.key_dir(KEY)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_bytes(b"not a folder")
+    assert await disk.lookup(KEY) == []
+    assert await disk.delete(KEY) == 0
+    writer = disk.open_writer(make_meta())
+    assert writer.write(b"body")
+    await writer.commit()  # may fail to install, but must not raise
+    assert tmp_files(disk.root) == []
+
+
+class _DiskFull:
+    """``os.write`` that fails with ENOSPC for files in ``folder`` while ``full`` is set."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder.resolve())
+        self.full = False
+        self.failures = 0
+        self.real = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        if self.full and os.readlink(f"/proc/self/fd/{fd}").startswith(self.folder):
+            self.failures += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real(fd, data)
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "pibl.cache" and r.levelno >= logging.ERROR]
+
+
+async def test_disk_full_aborts_the_write_logs_once_and_recovers(
+    disk: DiskStorage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pibl.cache")
+    full = _DiskFull(disk.tmp_dir)
+    monkeypatch.setattr(disk_module.os, "write", full)
+    await store(disk, make_meta(tag="old"), b"old body")
+
+    # Full while the body streams: the writer gives up, the response would stream uncached.
+    writer = disk.open_writer(make_meta(tag="new"))
+    full.full = True
+    assert writer.write(b"b" * 4096) is False
+    assert writer.write(b"more") is False
+    await writer.commit()
+    # Still full: a new writer fails at once (its header), a commit fails at the trailer.
+    early = disk.open_writer(make_meta(tag="new"))
+    assert early.write(b"body") is False
+    await early.commit()
+    full.full = False
+    late = disk.open_writer(make_meta(tag="new"))
+    assert late.write(b"body")
+    full.full = True
+    await late.commit()
+    assert full.failures == 3
+
+    assert len(_errors(caplog)) == 1, "a full disk is logged once per burst"
+    assert "No space left" in _errors(caplog)[0].getMessage()
+    assert tmp_files(disk.root) == []
+    entry = await only_entry(disk, KEY)
+    assert entry.meta == make_meta(tag="old")
+    assert entry.read_body() == b"old body"
+
+    full.full = False
+    await store(disk, make_meta(tag="after"), b"after body")
+    entry = await only_entry(disk, KEY)
+    assert entry.meta == make_meta(tag="after")
+    assert entry.read_body() == b"after body"
+    assert tmp_files(disk.root) == []
+
+    full.full = True  # a new burst after a success is reported again
+    assert disk.open_writer(make_meta(tag="again")).write(b"x") is False
+    assert len(_errors(caplog)) == 2
+    assert tmp_files(disk.root) == []
+
+
+HOSTILE_KEYS = [
+    CacheKey("http", "example.com", "/a/b"),
+    CacheKey("http", "example.com", "/ab"),
+    CacheKey("http", "example.com", "/a:b"),
+    CacheKey("http", "example.com", "//ab"),
+    CacheKey("http", "example.com", "/.."),
+    CacheKey("http", "example.com", "/../../../../etc/passwd"),
+    CacheKey("http", "example.com", "/x/../y"),
+    CacheKey("http", "example.com", "/%2e%2e/%2e%2e/etc/passwd"),
+    CacheKey("http", "example.com", "/%2E%2E%2F%2E%2E"),
+    CacheKey("http", "example.com", "/nul%00x"),
+    CacheKey("http", "example.com", "/nul\x00x"),
+    CacheKey("http", "example.com", "/" + "s" * 8192),
+    CacheKey("http", "example.com", "/" + "s" * 8192 + "/"),
+    CacheKey("http", "example.com", "/\u00e9\\..\\x"),
+    CacheKey("http", "example.com", "/a?b=/../c"),
+    CacheKey("http", "example.com:8080", "/ab"),
+    CacheKey("http", "example.org", "/ab"),
+    CacheKey("https", "example.com", "/ab"),
+    CacheKey("http", "..", "/"),
+    CacheKey("http", "/etc", "/passwd"),
+    CacheKey("http", "", "/ab"),
+]
+
+
+async def test_disk_file_names_are_digests_inside_the_folder(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    storage = DiskStorage(str(root), 64 * MIB, MIB)
+    await storage.start()
+    try:
+        for key in HOSTILE_KEYS:
+            await store(storage, make_meta(key), key.url.encode("utf-8", "surrogatepass"))
+            await store(storage, make_meta(key, vary=GZIP), b"gzip " + key.url.encode())
+        for key in HOSTILE_KEYS:
+            found = await variants(storage, key)
+            assert set(found) == {(), GZIP}, key
+            assert found[()].read_body() == key.url.encode("utf-8", "surrogatepass")
+            assert found[GZIP].meta.key == key
+        files = files_under(root)
+        assert len(files) == 2 * len(HOSTILE_KEYS)  # distinct keys never share a file
+        assert len({path.parent for path in files}) == len(HOSTILE_KEYS)
+        resolved = root.resolve()
+        for path in files:
+            assert path.resolve().is_relative_to(resolved / "entries"), path
+            relative = path.relative_to(root / "entries").parts
+            assert len(relative) == 3, path
+            assert all(HEX_NAME.fullmatch(part) for part in relative), path
+        assert names_in(tmp_path) == ["cache"]
+        assert storage.stats()["entries"] == 2 * len(HOSTILE_KEYS)
+        for key in HOSTILE_KEYS:
+            assert await storage.delete(key) == 2
+        assert files_under(root) == []
+    finally:
+        await storage.aclose()
