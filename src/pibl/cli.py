@@ -9,10 +9,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pibl import __version__
 from pibl.config import Settings, load_config, quick_settings
 from pibl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pibl.server.workers import WorkerLink
 
 log = logging.getLogger("pibl")
 
@@ -67,8 +71,13 @@ def _install_loop(use_uvloop: bool) -> None:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(settings: Settings, *, banner: str | None = None) -> None:
-    """Run the proxy until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    settings: Settings, *, banner: str | None = None, worker: WorkerLink | None = None
+) -> None:
+    """Run the proxy until SIGTERM or SIGINT, then shut down gracefully.
+
+    ``worker``: this process is one of several workers forked by ``server.workers.supervise``.
+    """
     from pibl.server.app import ProxyApp
 
     app = ProxyApp(settings)
@@ -79,7 +88,11 @@ async def serve(settings: Settings, *, banner: str | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, app.access_log.reopen)
-    await app.start()
+    if worker is None:
+        await app.start()
+    else:
+        await app.start(worker.listen, reuse_port=True, log_listening=False)
+        worker.started(stop.set)
     if banner:
         print(banner.format(url=f"http://{app.addresses[0]}"), flush=True)
     log.info("pibl %s started", __version__)
@@ -95,18 +108,11 @@ async def _demo(listen: str) -> None:
     from pibl.config import parse_config
     from pibl.demo import server_address, start_demo_backends
 
+    # Check --listen before anything starts: a typo is reported as the option's ("--listen: ..."),
+    # and no demo backend is left open behind the error.
+    quick_settings(listen, ["127.0.0.1:1"])
     backends = await start_demo_backends(3)
     servers = [str(server_address(b)) for b in backends]
-    settings = parse_config(
-        {
-            "server": {"listen": listen},
-            "upstreams": {"demo": {"servers": servers, "balance": "round_robin"}},
-            "access_log": {"path": "-", "format": "combined"},
-            # The original design's fixed 60 s lifetime, for responses that carry no freshness.
-            "cache": {"enabled": True, "storage": "memory", "default_ttl": "60s"},
-        },
-        source="<demo>",
-    )
     banner = (
         "PIBL demo: {url}/ is balanced round-robin over 3 backends (" + ", ".join(servers) + ").\n"
         'Try:  curl -s {url}/hello          (repeat it: the "backend" field changes each time)\n'
@@ -114,6 +120,16 @@ async def _demo(listen: str) -> None:
         "Press Ctrl-C to stop."
     )
     try:
+        settings = parse_config(
+            {
+                "server": {"listen": listen},
+                "upstreams": {"demo": {"servers": servers, "balance": "round_robin"}},
+                "access_log": {"path": "-", "format": "combined"},
+                # The original design's fixed 60 s lifetime, for responses without freshness.
+                "cache": {"enabled": True, "storage": "memory", "default_ttl": "60s"},
+            },
+            source="<demo>",
+        )
         await serve(settings, banner=banner)
     finally:
         for backend in backends:
@@ -136,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings_from_args(args)
         configure_logging(settings.log.level)
         _install_loop(not args.no_uvloop)
+        if settings.server.workers > 1:
+            from pibl.server.workers import supervise
+
+            return supervise(settings, lambda link: asyncio.run(serve(settings, worker=link)))
         asyncio.run(serve(settings))
         return 0
     except ConfigError as error:

@@ -35,6 +35,7 @@ __all__ = [
     "CACHE_STORAGES",
     "LOG_LEVELS",
     "AccessLogSettings",
+    "AdminSettings",
     "CacheSettings",
     "HealthSettings",
     "LogSettings",
@@ -131,10 +132,21 @@ class UpstreamSettings:
     servers: tuple[ServerEntry, ...] = ()
     balance: str = "round_robin"
     hash_key: str = "client_ip"
-    keepalive: int = 32  # idle pooled connections per server; 0 disables pooling
+    # Idle pooled connections kept per server; 0 disables pooling. Above nginx's usual 32 so
+    # that a few hundred concurrent clients do not churn connections (HAProxy keeps all).
+    keepalive: int = 128
     keepalive_timeout: float = 60.0
     retries: int = 2
     health: HealthSettings | None = None
+    # Passive outlier detection: ``max_fails`` failed attempts in a row (connect errors or 5xx;
+    # Envoy's consecutive_5xx default is 5; 0 disables) eject a server for ``fail_timeout`` *
+    # the number of ejections in a row, at most 300 s (see pibl.balancer.health).
+    max_fails: int = 5
+    fail_timeout: float = 10.0
+    # Requests waiting when every server is at its ``max_connections``; beyond ``queue`` or
+    # after ``queue_timeout`` they are answered 503. 0 = no queue.
+    queue: int = 100
+    queue_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +188,22 @@ class LogSettings:
     level: str = "info"
 
 
+# The admin listener's default: loopback only, Envoy's admin port.
+DEFAULT_ADMIN_LISTEN: Final = Address("127.0.0.1", 9901)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """``[admin]``: the admin API, metrics and dashboard listener (off when the table is absent).
+
+    ``token`` (when set) must be sent as ``Authorization: Bearer <token>`` on every call; a
+    listener on a non-loopback address requires one.
+    """
+
+    listen: Address = DEFAULT_ADMIN_LISTEN
+    token: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration. ``upstreams`` is keyed by name; treat it as read-only."""
@@ -186,6 +214,7 @@ class Settings:
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    admin: AdminSettings | None = None
     source: str | None = field(default=None, metadata=_NOT_A_KEY)
 
     @property
@@ -713,6 +742,38 @@ def _health(value: Any, path: str) -> HealthSettings:
     return _HEALTH.load(value, path)
 
 
+def _admin_token(value: Any, _path: str) -> str:
+    # Sent in an Authorization header: visible ASCII only, so it survives copy-paste and HTTP.
+    if not isinstance(value, str) or not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise _expected("a non-empty string of visible ASCII characters (no spaces)", value)
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything: treat it as public
+
+
+def _check_admin(admin: AdminSettings, path: str) -> None:
+    # The admin API can drain servers and purge the cache: never expose it without a token.
+    if admin.token is None and not _is_loopback(admin.listen.host):
+        raise _Invalid(
+            _join(path, "token"),
+            f"missing; required when listen ({admin.listen}) is not a loopback address",
+        )
+
+
+def _admin(value: Any, server: ServerSettings) -> AdminSettings:
+    admin = _ADMIN.load(value, "admin")
+    if admin.listen.port != 0 and admin.listen in server.listen:
+        raise _Invalid("admin.listen", f"{admin.listen} is already server.listen")
+    return admin
+
+
 def _check_cache(cache: CacheSettings, path: str) -> None:
     if cache.storage == "disk" and not cache.path:
         raise _Invalid(_join(path, "path"), 'missing; required when storage = "disk"')
@@ -772,6 +833,10 @@ _UPSTREAM: Final = _Section(
         "keepalive_timeout": _duration(positive=False),
         "retries": _non_negative,
         "health": _health,
+        "max_fails": _non_negative,
+        "fail_timeout": _duration(positive=True),
+        "queue": _non_negative,
+        "queue_timeout": _duration(positive=True),
     },
     required={"servers": 'an array of addresses, e.g. ["127.0.0.1:9001"]'},
 )
@@ -798,7 +863,12 @@ _CACHE: Final = _Section(
     check=_check_cache,
 )
 _LOG: Final = _Section(LogSettings, {"level": _choice(LOG_LEVELS)})
-_TOP_LEVEL: Final = ("server", "upstreams", "routes", "access_log", "cache", "log")
+_ADMIN: Final = _Section(
+    AdminSettings,
+    {"listen": _listen_address, "token": _admin_token},
+    check=_check_admin,
+)
+_TOP_LEVEL: Final = ("server", "upstreams", "routes", "access_log", "cache", "log", "admin")
 
 
 def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
@@ -854,6 +924,7 @@ def _parse(data: Any, source: str) -> Settings:
         access_log=_ACCESS_LOG.load(top.get("access_log", {}), "access_log"),
         cache=_CACHE.load(top.get("cache", {}), "cache"),
         log=_LOG.load(top.get("log", {}), "log"),
+        admin=_admin(top["admin"], server) if "admin" in top else None,
         source=source,
     )
 

@@ -220,7 +220,7 @@ def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     assert (app.balance, app.hash_key, app.keepalive, app.keepalive_timeout, app.retries) == (
         "round_robin",
         "client_ip",
-        32,
+        128,
         60.0,
         2,
     )

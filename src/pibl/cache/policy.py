@@ -28,8 +28,22 @@ Choices where the RFCs leave room (each is repeated where it is implemented):
   ``no-store`` stops storage but not reuse of an already stored response (§5.2.1.5). ``Pragma:
   no-cache`` counts as ``Cache-Control: no-cache`` when the request has no Cache-Control
   (RFC 7234 §5.4; deprecated by §5.4 but still sent by HTTP/1.0 clients).
-* Only GET responses are stored; HEAD is answered from a stored GET. 206 is never stored (no
-  range support) and 304 only freshens.
+* GET responses are stored, and POST responses whose Content-Location is their own target URI
+  and that have explicit freshness (RFC 9110 §9.3.3); both answer later GET and HEAD requests.
+  206 is never stored (a Range request is answered from a stored 200, see
+  :mod:`pibl.cache.ranges`) and 304 only freshens.
+* An ``Age`` that is not a single delta-seconds makes the response's age unknown, hence stale
+  (see ``_age_value``).
+* A Surrogate-Control (Edge Architecture) meant for PIBL takes precedence over Cache-Control
+  (see :func:`response_cache_control`).
+* A 304 never updates the fields that describe the stored bytes (Content-Encoding, -Length,
+  -Range, -MD5, digests, ETag; §3.2 "fields that the cache's stored response depends upon"),
+  and one whose validators identify no stored response updates nothing (§4.3.4): the pipeline
+  then repeats the request without PIBL's validators. The stored ``Age`` restarts from the 304.
+* A 200 response to HEAD freshens the stored GET response it agrees with and invalidates one it
+  contradicts (§4.3.5, :func:`head_response_matches`).
+* Vary: Accept-Language, Accept-Encoding and Accept-Charset match case-insensitively (§4.1);
+  list order is kept, as it may express preference.
 """
 
 from __future__ import annotations
@@ -46,7 +60,7 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import urljoin
 
-from pibl.cache.key import CacheKey, key_from_url
+from pibl.cache.key import CacheKey, key_from_url, make_key
 from pibl.http.head import Headers, RequestHead, ResponseHead, get_all, get_header, header_tokens
 
 __all__ = [
@@ -55,6 +69,8 @@ __all__ = [
     "HEURISTIC_CAP",
     "HEURISTIC_STATUSES",
     "SAFE_METHODS",
+    "SURROGATE_CAPABILITY",
+    "SURROGATE_DEVICE",
     "UNDERSTOOD_STATUSES",
     "Action",
     "CacheControl",
@@ -67,9 +83,11 @@ __all__ = [
     "conditional_headers",
     "current_age",
     "decide",
+    "downstream_surrogate_control",
     "format_http_date",
     "freshen_headers",
     "freshness_lifetime",
+    "head_response_matches",
     "invalidation_targets",
     "matches_304_entry",
     "not_modified_headers",
@@ -77,13 +95,17 @@ __all__ = [
     "parse_cache_control",
     "parse_http_date",
     "request_cache_control",
+    "response_cache_control",
     "revalidation_headers",
     "secondary_key",
     "stale_if_error_allowed",
     "storable",
     "strip_for_storage",
+    "surrogate_control",
     "vary_fields",
     "vary_matches",
+    "with_surrogate_capability",
+    "without_surrogate_control",
 ]
 
 CacheControl = dict[str, str | None]
@@ -121,8 +143,21 @@ _NOT_STORED = frozenset(
         b"proxy-authorization",
     }
 )
-# §3.2: Content-Length is never updated from a 304 (nor are the fields §3.1 keeps out).
-_NOT_UPDATED = _NOT_STORED | {b"content-length"}
+# §3.2: fields a 304 (or a 200 to HEAD, §4.3.5) never updates: those §3.1 keeps out,
+# Content-Length, and "header fields that the cache's stored response depends upon" -- the ones
+# describing the stored bytes themselves: their coding, digests and range, and the entity-tag
+# that identifies them (a 304 confirms the stored representation; it cannot relabel it). These
+# are the fields draft-ietf-httpbis-cache listed before RFC 9111 made the list a judgement call.
+_NOT_UPDATED = _NOT_STORED | {
+    b"content-length",
+    b"content-encoding",
+    b"content-range",
+    b"content-md5",
+    b"content-digest",
+    b"repr-digest",
+    b"digest",
+    b"etag",
+}
 # RFC 9110 §15.4.5: what a 304 carries (Last-Modified only to help when there is no ETag).
 _NOT_MODIFIED_FIELDS = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
@@ -249,6 +284,135 @@ def only_if_cached(request: RequestHead) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Surrogate-Control (W3C Edge Architecture 1.0, §2): directives for reverse proxies
+#
+# PIBL is a surrogate: it advertises itself upstream with ``Surrogate-Capability:
+# pibl="Surrogate/1.0"`` (§2.1) and obeys the ``Surrogate-Control`` members meant for it (§2.2):
+# those targeted ``;pibl`` when there are any, else the untargeted ones; members targeted at
+# another device are ignored and passed on (§2.3; Varnish's reading). When they carry
+# ``max-age`` or ``no-store`` they replace Cache-Control's freshness, storage and revalidation
+# directives for PIBL (Fastly, Varnish and Akamai give Surrogate-Control precedence): the origin
+# addressed its own reverse proxy, and Cache-Control is left for the caches downstream.
+# ``private``, the Authorization rule (§3.5) and qualified ``no-cache``/``private`` still hold:
+# they protect per-user content, not a lifetime. ``max-age=A+B`` gives lifetime A and a B-second
+# ``stale-if-error`` (§2.2.3's freshness extension). The members PIBL consumed are removed
+# before the response goes downstream.
+
+SURROGATE_DEVICE = "pibl"
+SURROGATE_CAPABILITY = SURROGATE_DEVICE.encode("ascii") + b'="Surrogate/1.0"'
+# The Cache-Control directives a Surrogate-Control addressed to PIBL replaces.
+_SURROGATE_REPLACES = frozenset(
+    {
+        "max-age",
+        "s-maxage",
+        "no-store",
+        "no-cache",
+        "must-revalidate",
+        "proxy-revalidate",
+        "must-understand",
+        "stale-while-revalidate",
+        "stale-if-error",
+    }
+)
+
+
+def _surrogate_members(headers: Headers) -> Iterator[tuple[str, str | None]]:
+    """``Surrogate-Control`` list members as (directive text, lower-case target or None)."""
+    text = b",".join(get_all(headers, b"surrogate-control")).decode("latin-1")
+    i, n = 0, len(text)
+    while i < n:
+        end = _skip_element(text, i)
+        member = text[i:end].strip(" \t")
+        i = end + 1
+        if not member:
+            continue
+        split, quoted = -1, False
+        for j, char in enumerate(member):
+            if char == '"':
+                quoted = not quoted
+            elif char == ";" and not quoted:
+                split = j
+        if split < 0:
+            yield member, None
+        else:
+            yield member[:split].rstrip(" \t"), member[split + 1 :].strip(" \t").lower()
+
+
+def surrogate_control(headers: Headers, device: str = SURROGATE_DEVICE) -> CacheControl:
+    """The ``Surrogate-Control`` directives meant for ``device`` (names lower-case)."""
+    mine: list[str] = []
+    everyone: list[str] = []
+    for member, target in _surrogate_members(headers):
+        if target is None:
+            everyone.append(member)
+        elif target == device:
+            mine.append(member)
+    chosen = mine or everyone
+    return parse_cache_control([", ".join(chosen).encode("latin-1")]) if chosen else {}
+
+
+def response_cache_control(headers: Headers, *, shared: bool = True) -> CacheControl:
+    """The response directives PIBL obeys: Cache-Control, with its freshness, storage and
+    revalidation directives replaced by a Surrogate-Control ``max-age``/``no-store`` meant for
+    PIBL (shared caches only; see above)."""
+    cc = parse_cache_control(get_all(headers, b"cache-control"))
+    if not shared:
+        return cc
+    sc = surrogate_control(headers)
+    if "max-age" not in sc and "no-store" not in sc:
+        return cc
+    merged = {
+        name: value
+        for name, value in cc.items()
+        if name not in _SURROGATE_REPLACES or (name == "no-cache" and value is not None)
+    }
+    for name, value in sc.items():
+        if name in _SURROGATE_REPLACES:
+            merged[name] = value
+    lifetime = sc.get("max-age")
+    if lifetime is not None and "+" in lifetime:
+        merged["max-age"], extension = lifetime.split("+", 1)
+        merged.setdefault("stale-if-error", extension)
+    return merged
+
+
+def downstream_surrogate_control(headers: Headers, device: str = SURROGATE_DEVICE) -> bytes | None:
+    """What remains of ``Surrogate-Control`` for the next hop: the members targeted at other
+    devices (PIBL consumed its own and the untargeted ones); None when nothing remains."""
+    others = [
+        f"{member};{target}"
+        for member, target in _surrogate_members(headers)
+        if target is not None and target != device
+    ]
+    return ", ".join(others).encode("latin-1") if others else None
+
+
+def without_surrogate_control(headers: Headers) -> Headers:
+    """``headers`` as PIBL sends them downstream (see :func:`downstream_surrogate_control`)."""
+    out = [(name, value) for name, value in headers if name.lower() != b"surrogate-control"]
+    if len(out) != len(headers):
+        rest = downstream_surrogate_control(headers)
+        if rest is not None:
+            out.append((b"Surrogate-Control", rest))
+    return out
+
+
+def with_surrogate_capability(headers: Headers) -> Headers:
+    """The request's fields with PIBL's capability appended to ``Surrogate-Capability`` (§2.1:
+    "surrogates MUST append their capabilities")."""
+    out: Headers = []
+    prior: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"surrogate-capability":
+            if value.strip():
+                prior.append(value.strip())
+        else:
+            out.append((name, value))
+    out.append((b"Surrogate-Capability", b", ".join([*prior, SURROGATE_CAPABILITY])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # HTTP-date (RFC 9110 §5.6.7)
 
 _MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -315,12 +479,19 @@ def _date_value(headers: Headers, response_time: float) -> float:
     return response_time if parsed is None else parsed
 
 
-def _age_value(headers: Headers) -> int:
-    """§5.1: the first member of the first Age line; an invalid value is ignored (0)."""
-    raw = get_header(headers, b"age")
-    if raw is None:
+def _age_value(headers: Headers) -> int | None:
+    """§5.1: ``Age`` is a singleton delta-seconds; 0 when absent, None when it is not exactly
+    one field line holding ``1*DIGIT`` (a list, a second line, a sign, a fraction, a
+    parameter). PIBL then takes the age as unknown, hence stale, rather than ignoring the
+    field: an intermediary that garbled it may have held the response for any time, and
+    assuming zero would serve it as new. This is stricter than §5.1's advice to use the
+    first list member; it costs a validation, never a wrong reuse."""
+    values = get_all(headers, b"age")
+    if not values:
         return 0
-    return _delta(raw.split(b",", 1)[0].strip(b" \t").decode("latin-1")) or 0
+    if len(values) > 1:
+        return None
+    return _delta(values[0].strip(b" \t").decode("latin-1"))
 
 
 def _last_modified(headers: Headers) -> float | None:
@@ -333,12 +504,25 @@ def _has_validators(headers: Headers) -> bool:
     return bool(etag and etag.strip()) or _last_modified(headers) is not None
 
 
+# §4.1 allows "normalizing both header field values in a way that is known to have identical
+# semantics ... case-normalization, where values are defined to be case-insensitive": language
+# ranges (RFC 4647 §2), content-codings (RFC 9110 §8.4.1) and charsets (§8.3.2) are, and so is
+# the ``q`` weight, whose ``;`` may have whitespace around it (RFC 9110 §12.4.2). Member order is
+# kept: some origins read it as a preference among equal weights (RFC 9110 §12.5.4).
+_CASE_INSENSITIVE_FIELDS = frozenset({b"accept-language", b"accept-encoding", b"accept-charset"})
+_PARAMETER_SPACE = re.compile(r"[ \t]*;[ \t]*")
+
+
 def _normalised_field(headers: Headers, name: bytes) -> str | None:
-    """§4.1: field lines combined, list members trimmed of whitespace; None if absent."""
+    """§4.1: field lines combined, list members trimmed of whitespace (and, for the fields
+    above, lower-cased without whitespace around ``;``); None if absent."""
     values = get_all(headers, name)
     if not values:
         return None
-    members = (m.strip(" \t") for m in b",".join(values).decode("latin-1").split(","))
+    text = b",".join(values).decode("latin-1")
+    if name.lower() in _CASE_INSENSITIVE_FIELDS:
+        text = _PARAMETER_SPACE.sub(";", text.lower())
+    members = (m.strip(" \t") for m in text.split(","))
     return ",".join(m for m in members if m)
 
 
@@ -365,6 +549,20 @@ def _explicit_freshness(cc: CacheControl, headers: Headers, shared: bool) -> boo
     )
 
 
+def _names_itself(request: RequestHead, response: ResponseHead) -> bool:
+    """RFC 9110 §9.3.3: a 2xx response whose Content-Location is the request's own target URI
+    represents that resource as a later GET retrieves it (§8.7: only a 2xx response says so)."""
+    raw = get_header(response.headers, b"content-location")
+    if not 200 <= response.status < 300 or raw is None or not raw.strip():
+        return False
+    own = make_key(request)
+    try:
+        named = key_from_url(urljoin(own.url, raw.decode("latin-1").strip()))
+    except ValueError:
+        return False
+    return named == own
+
+
 def storable(
     request: RequestHead,
     response: ResponseHead,
@@ -381,14 +579,15 @@ def storable(
     ``response_time`` (when the head arrived) lets ``Expires`` without ``Date`` be judged;
     without it such a response is assumed to have some freshness.
     """
-    if request.method != "GET":
+    post = request.method == "POST"
+    if request.method != "GET" and not (post and _names_itself(request, response)):
         return False, "method"  # §3 "understood method"; HEAD is answered from a stored GET
     status = response.status
     if not 200 <= status <= 599 or status in (206, 304):
         return False, "status"  # §3: final, and no range support (§3.3-3.4)
     if "no-store" in request_cache_control(request):
         return False, "no-store"  # §5.2.1.5
-    cc = parse_cache_control(get_all(response.headers, b"cache-control"))
+    cc = response_cache_control(response.headers, shared=shared)
     if "must-understand" in cc:  # §5.2.2.3: overrides no-store for understood codes
         if status not in UNDERSTOOD_STATUSES:
             return False, "status"
@@ -405,6 +604,8 @@ def storable(
     if "*" in vary_fields(response.headers):
         return False, "vary-star"  # §4.1: never matches, so never reusable
     explicit = _explicit_freshness(cc, response.headers, shared)
+    if post and not explicit:
+        return False, "method"  # RFC 9110 §9.3.3: a POST response needs explicit freshness
     if not explicit and status not in HEURISTIC_STATUSES and "public" not in cc:
         return False, "status"  # §3: nothing else allows this code to be stored
     headers = strip_for_storage(response.headers, shared=shared)
@@ -477,8 +678,10 @@ def freshness_lifetime(
     default_ttl: float = 0.0,
     shared: bool = True,
 ) -> float:
-    """§4.2.1: s-maxage (shared) > max-age > Expires - Date > heuristic > ``default_ttl``."""
-    cc = parse_cache_control(get_all(headers, b"cache-control"))
+    """§4.2.1: s-maxage (shared) > max-age > Expires - Date > heuristic > ``default_ttl``;
+    a Surrogate-Control ``max-age`` meant for PIBL comes first (:func:`response_cache_control`).
+    """
+    cc = response_cache_control(headers, shared=shared)
     return _lifetime(
         cc,
         headers,
@@ -495,7 +698,10 @@ def current_age(
     """§4.2.3: corrected initial age plus the time the response has been resident."""
     apparent_age = max(0.0, response_time - _date_value(headers, response_time))
     response_delay = max(0.0, response_time - request_time)
-    corrected_age_value = _age_value(headers) + response_delay
+    age_value = _age_value(headers)
+    if age_value is None:
+        return float(DELTA_SECONDS_MAX)  # an invalid Age: unknown, taken as very old
+    corrected_age_value = age_value + response_delay
     corrected_initial_age = max(apparent_age, corrected_age_value)
     resident_time = max(0.0, now - response_time)
     return min(corrected_initial_age + resident_time, float(DELTA_SECONDS_MAX))
@@ -580,7 +786,8 @@ class StoredResponse:
 
     @property
     def cache_control(self) -> CacheControl:
-        return parse_cache_control(get_all(self.headers, b"cache-control"))
+        """The directives PIBL obeys for this entry (as a shared cache)."""
+        return response_cache_control(self.headers)
 
     @property
     def has_validators(self) -> bool:
@@ -616,10 +823,10 @@ class StoredResponse:
 
     def headers_for_serving(self, now: float) -> Headers:
         """The stored fields with ``Age`` replaced by the current age (§5.1, RFC 9110 §6.6.1:
-        the stored ``Date`` is kept)."""
+        the stored ``Date`` is kept), and ``Surrogate-Control`` as it goes downstream."""
         out = [(name, value) for name, value in self.headers if name.lower() != b"age"]
         out.append((b"Age", age_header(self.current_age(now))))
-        return out
+        return without_surrogate_control(out)
 
     def to_bytes(self) -> bytes:
         """A self-describing encoding (JSON; bytes as latin-1 strings) for storage backends."""
@@ -885,10 +1092,35 @@ def matches_304_entry(entry: StoredResponse, headers_304: Headers, *, single: bo
     return single
 
 
+def head_response_matches(entry: StoredResponse, body_size: int, head_headers: Headers) -> bool:
+    """§4.3.5: may a 200 response to HEAD update ``entry`` (else it makes the entry stale)?
+
+    Every validator the HEAD response carries (ETag, Last-Modified) must match the entry's, and
+    its Content-Length, when present, the stored body's length.
+    """
+    etag = _entity_tag(head_headers)
+    if etag is not None and etag != _entity_tag(entry.headers):
+        return False
+    raw_lm = get_header(head_headers, b"last-modified")
+    if raw_lm is not None:
+        new_lm = _last_modified(head_headers)
+        if new_lm is None or new_lm != _last_modified(entry.headers):
+            return False
+    length = get_header(head_headers, b"content-length")
+    return length is None or length.strip(b" \t") == b"%d" % body_size
+
+
 def freshen_headers(stored: Headers, headers_304: Headers) -> Headers:
     """§3.2/§4.3.4: every field in the 304 replaces the stored field of that name, except
-    Content-Length and fields never stored (§3.1); others are kept. Position is preserved."""
+    ``_NOT_UPDATED`` (never stored, Content-Length, fields describing the stored bytes); others
+    are kept. Position is preserved.
+
+    The stored ``Age`` is dropped even when the 304 has none: the entry's age restarts from
+    the 304, which is what the new request and response times describe (§4.2.3); keeping the
+    old value would count the time before the validation twice.
+    """
     excluded = _NOT_UPDATED | header_tokens(headers_304, b"connection")
+    stored = [(name, value) for name, value in stored if name.lower() != b"age"]
     updates: dict[bytes, Headers] = {}
     for name, value in headers_304:
         lname = name.lower()

@@ -29,6 +29,9 @@ class ResponseSink(Protocol):
     def on_upstream_error(self, error: Exception, got_bytes: bool) -> None: ...
     def on_tunnel_data(self, data: bytes) -> None: ...
     def on_upstream_writable(self, writable: bool) -> None: ...
+    def flush_pending(self) -> None:
+        """Write out what was held back while this read was parsed."""
+        ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -144,6 +147,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
+            if self.sink is not None:
+                self.sink.flush_pending()
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
             if self._state == "tunnel" and self.sink is not None and offset < len(data):

@@ -21,12 +21,17 @@ from pibl.cache.policy import (
     cache_status,
     client_conditional_matches,
     decide,
+    downstream_surrogate_control,
+    format_http_date,
+    head_response_matches,
     matches_304_entry,
     not_modified_headers,
     revalidation_headers,
     storable,
     vary_matches,
+    with_surrogate_capability,
 )
+from pibl.cache.ranges import select_range
 from pibl.cache.storage import CacheEntry, CacheStorage, CorruptEntry
 from pibl.http.framing import response_head_bytes
 from pibl.http.head import Headers, RequestHead, ResponseHead
@@ -95,6 +100,9 @@ class ResponseFilter:
         self.response: ResponseHead | None = None
         self.response_time = 0.0
         self.intercepted = False
+        # A 304 to PIBL's conditional request that identifies no stored response (§4.3.4):
+        # it answers a question the client never asked, so the request is sent again plainly.
+        self.unmatched_304 = False
 
     def __call__(self, response: ResponseHead) -> ResponsePlan:
         self.response = response
@@ -102,22 +110,16 @@ class ResponseFilter:
         lookup = self.lookup
         entry = lookup.entry if lookup is not None else None
         if entry is not None:
-            if (
-                self.revalidating
-                and response.status == 304
-                and matches_304_entry(entry.meta, response.headers)
-            ):
+            if self.revalidating and response.status == 304:
                 self.intercepted = True  # freshen and serve the stored response (§4.3.4)
+                self.unmatched_304 = not matches_304_entry(entry.meta, response.headers)
                 return ResponsePlan(forward=False)
             if response.status in ERROR_STATUSES and self.serve_stale_on_error:
                 self.intercepted = True  # stale-if-error (RFC 5861 §4)
                 return ResponsePlan(forward=False)
         cache = self.cache
         request = self.request
-        if request.method not in CACHEABLE_METHODS:
-            value = cache_status(False, fwd="method", fwd_status=response.status)
-            self.record.cache_status = value.decode()
-            return ResponsePlan(extra_headers=[(b"Cache-Status", value)])
+        surrogate = _surrogate_edits(response)
         ok, reason = storable(request, response, default_ttl=cache.default_ttl, response_time=now)
         if (
             ok
@@ -125,6 +127,13 @@ class ResponseFilter:
             and (response.content_length > cache.max_object_size)
         ):
             ok, reason = False, "too-large"
+        if request.method not in CACHEABLE_METHODS and (not ok or lookup is None):
+            value = cache_status(False, fwd="method", fwd_status=response.status)
+            self.record.cache_status = value.decode()
+            return ResponsePlan(
+                extra_headers=[*surrogate, (b"Cache-Status", value)],
+                remove_headers=_SURROGATE_FIELD,
+            )
         writer = None
         if ok and lookup is not None:
             meta = StoredResponse.from_exchange(
@@ -141,10 +150,24 @@ class ResponseFilter:
             fwd=self.fwd,
             stored=writer is not None,
             detail=None if ok else reason,
-            fwd_status=response.status if self.fwd == "stale" else None,
+            fwd_status=response.status if self.fwd in ("stale", "method") else None,
         )
         self.record.cache_status = value.decode()
-        return ResponsePlan(extra_headers=[(b"Cache-Status", value)], writer=writer)
+        return ResponsePlan(
+            extra_headers=[*surrogate, (b"Cache-Status", value)],
+            writer=writer,
+            remove_headers=_SURROGATE_FIELD,
+        )
+
+
+_SURROGATE_FIELD = frozenset({b"surrogate-control"})
+
+
+def _surrogate_edits(response: ResponseHead) -> Headers:
+    """The ``Surrogate-Control`` forwarded in place of the upstream's: only the members
+    targeted at other devices (PIBL consumes its own and the untargeted ones)."""
+    rest = downstream_surrogate_control(response.headers)
+    return [] if rest is None else [(b"Surrogate-Control", rest)]
 
 
 class HttpCache:
@@ -222,9 +245,17 @@ class HttpCache:
             headers = [
                 (n, v) for n, v in meta.headers_for_serving(now) if n.lower() not in _FRAMING
             ]
+            part = select_range(request, meta.headers, status=meta.status, length=entry.body_size)
             if request.method == "HEAD":
                 body = b""
                 headers.append((b"Content-Length", b"%d" % entry.body_size))
+            elif part is not None:  # RFC 9110 §14: a byte range of the complete stored body
+                status, reason = part.status, part.reason
+                body = part.slice(entry.read_body())
+                if not part.satisfiable:  # a 416 says nothing about the stored response
+                    headers = [(b"Date", format_http_date(now))]
+                headers.append((b"Content-Range", part.content_range))
+                headers.append((b"Content-Length", b"%d" % len(body)))
             else:
                 body = entry.read_body()
                 headers.append((b"Content-Length", b"%d" % len(body)))
@@ -241,8 +272,17 @@ class HttpCache:
         record.cache_status = status_value.decode()
         return keep_open
 
+    def upstream_request(self, request: RequestHead, entry: CacheEntry | None) -> RequestHead:
+        """The request to send upstream: with PIBL's ``Surrogate-Capability`` (Edge
+        Architecture §2.1) and, when ``entry`` is being revalidated, its validators in place of
+        the client's (§4.3.1)."""
+        headers = request.headers
+        if entry is not None:
+            headers = revalidation_headers(headers, entry.meta)
+        return request.with_headers(with_surrogate_capability(headers))
+
     def revalidation_request(self, request: RequestHead, entry: CacheEntry) -> RequestHead:
-        return request.with_headers(revalidation_headers(request.headers, entry.meta))
+        return self.upstream_request(request, entry)
 
     async def refresh(
         self, entry: CacheEntry, response: ResponseHead, request_time: float, response_time: float
@@ -254,6 +294,21 @@ class HttpCache:
         await self.storage.update(entry, meta)
         self.revalidations += 1
         return meta
+
+    async def update_from_head(
+        self,
+        key: CacheKey,
+        entry: CacheEntry,
+        response: ResponseHead,
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        """§4.3.5: a 200 response to HEAD freshens the stored GET response it is consistent
+        with, and invalidates one it contradicts (a changed ETag, Last-Modified or length)."""
+        if head_response_matches(entry.meta, entry.body_size, response.headers):
+            await self.refresh(entry, response, request_time, response_time)
+        else:
+            await self.storage.delete(key)
 
     async def invalidate(self, keys: list[CacheKey]) -> None:
         for key in keys:

@@ -47,9 +47,11 @@ class ResponsePlan:
     ``forward`` False keeps the response from the client (a 304 to PIBL's own conditional
     request, an error masked by stale-if-error): its body is read and dropped, and the pipeline
     answers instead. ``writer`` receives the body as it streams to the client.
+    ``remove_headers`` (lower-case names) are not forwarded, e.g. a consumed
+    ``Surrogate-Control``; ``extra_headers`` are added after them.
     """
 
-    __slots__ = ("extra_headers", "forward", "writer")
+    __slots__ = ("extra_headers", "forward", "remove_headers", "writer")
 
     def __init__(
         self,
@@ -57,10 +59,12 @@ class ResponsePlan:
         forward: bool = True,
         extra_headers: Headers | None = None,
         writer: CacheWriter | None = None,
+        remove_headers: frozenset[bytes] = frozenset(),
     ) -> None:
         self.forward = forward
         self.extra_headers = extra_headers or []
         self.writer = writer
+        self.remove_headers = remove_headers
 
 
 class Exchange:
@@ -69,6 +73,7 @@ class Exchange:
         "_expect_timer",
         "_forwarding",
         "_has_body_out",
+        "_head_out",
         "_request_body_done",
         "_timer",
         "_upgrading",
@@ -123,6 +128,7 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         self._upgrading = False
         self._forwarding = True
+        self._head_out: bytes | None = None
         self._expect_timer: asyncio.TimerHandle | None = None
         self.response_filter: Callable[[ResponseHead], ResponsePlan] | None = None
         self.writer: CacheWriter | None = None
@@ -224,6 +230,8 @@ class Exchange:
             self.keep_downstream = False  # an early response while the upload is under way
         headers = downstream_response_headers(head)
         if plan is not None:
+            if plan.remove_headers:
+                headers = [h for h in headers if h[0].lower() not in plan.remove_headers]
             headers += plan.extra_headers
             self.writer = plan.writer
         has_body = response_has_body(request.method, status)
@@ -248,8 +256,16 @@ class Exchange:
             headers.append((b"Connection", b"close"))
         elif request.version == "1.0":
             headers.append((b"Connection", b"keep-alive"))
-        self.down.write(response_head_bytes(status, headers, head.reason))
+        # Held back until the body bytes parsed from the same read (or the end of that read):
+        # head and body then leave in one send instead of two.
+        self._head_out = response_head_bytes(status, headers, head.reason)
         self.head_sent = self.cycle.response_started = True
+
+    def flush_pending(self) -> None:
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            self.down.write(head)
 
     def on_response_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -259,14 +275,22 @@ class Exchange:
         if writer is not None and not writer.write(data):
             self.writer = None  # over max_object_size or a storage error: stream uncached
         self.bytes_sent += len(data)
-        if self._chunked_out:
-            self.down.writelines(chunk(data))
-        else:
-            self.down.write(data)
+        out = chunk(data) if self._chunked_out else [data]
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            out.insert(0, head)
+        self.down.writelines(out)
 
     def on_response_complete(self) -> None:
-        if self._chunked_out and self._forwarding:
-            self.down.write(LAST_CHUNK)
+        if self._forwarding:
+            out = [LAST_CHUNK] if self._chunked_out else []
+            head = self._head_out
+            if head is not None:
+                self._head_out = None
+                out.insert(0, head)
+            if out:
+                self.down.writelines(out)
         if self.response is not None and not self._request_body_done:
             # The upstream answered before reading the whole request: it will not read the
             # rest either, so its connection cannot carry another request.
@@ -286,7 +310,8 @@ class Exchange:
                 "upstream closed the connection"
                 + (" mid-response" if got_bytes else " before responding"),
                 self.upstream,
-                self.reused,
+                # Only a silent close of a pooled connection is the keep-alive race.
+                self.reused and not got_bytes,
             )
         else:
             failure = UpstreamProtocolError(
@@ -371,6 +396,10 @@ class Exchange:
     def _fail(self, error: Exception) -> None:
         if self.done.done():
             return
+        if self._head_out is not None:
+            # The head never left: the client can still get a clean error response.
+            self._head_out = None
+            self.head_sent = self.cycle.response_started = False
         self.conn.is_reusable = False
         if self.writer is not None:
             self.writer.abort()  # a broken message never becomes a cache entry

@@ -32,6 +32,7 @@ from pibl.errors import (
     PiblError,
     ProtocolError,
     UpstreamError,
+    UpstreamProtocolError,
     status_for,
 )
 from pibl.http.framing import error_response
@@ -209,7 +210,7 @@ class Pipeline:
             and lookup.decision is not None
             and lookup.decision.action is Action.STALE_REVALIDATE
         )
-        upstream_head = cache.revalidation_request(head, entry) if revalidate and entry else head
+        upstream_head = cache.upstream_request(head, entry if revalidate else None)
         stale_ok = entry is not None and stale_if_error_allowed(entry.meta, head, time.time())
         response_filter = ResponseFilter(
             cache,
@@ -236,6 +237,12 @@ class Pipeline:
         response = exchange.response
         if exchange.writer is not None:
             await exchange.writer.commit()  # phase 9 ended cleanly: the entry becomes visible
+        if response_filter.unmatched_304 and entry is not None:
+            if head.has_body:  # already sent upstream: it cannot be sent again
+                raise UpstreamProtocolError("a 304 that matches no stored response")
+            log.info("304 for %s matches no stored response; fetching it again", lookup.key.url)
+            plain = _without_revalidation(lookup)
+            return await self._fetch(down, cycle, head, group, record, cache, plain)
         if response_filter.intercepted and entry is not None and response is not None:
             if response.status == 304:
                 meta = await cache.refresh(
@@ -247,6 +254,11 @@ class Pipeline:
                 True, fwd="stale", fwd_status=response.status, detail="stale-if-error"
             )
             return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+        if entry is not None and response is not None and _is_head_200(head, response):
+            # §4.3.5: a 200 to HEAD freshens (or invalidates) the stored GET response
+            await cache.update_from_head(
+                lookup.key, entry, response, lookup.request_time, response_filter.response_time
+            )
         return self._finished(exchange, head, cycle, record)
 
     async def _forward_unsafe(
@@ -258,11 +270,18 @@ class Pipeline:
         record: AccessRecord,
         cache: HttpCache,
     ) -> bool:
-        response_filter = ResponseFilter(cache, head, None, record, fwd="method")
-        exchange = await self._forward(down, cycle, head, group, record, None, response_filter)
+        # A POST response may be stored for later GETs (RFC 9110 §9.3.3), hence a key.
+        lookup = Lookup(make_key(head), time.time())
+        response_filter = ResponseFilter(cache, head, lookup, record, fwd="method")
+        upstream_head = cache.upstream_request(head, None)
+        exchange = await self._forward(
+            down, cycle, head, group, record, upstream_head, response_filter
+        )
         if exchange.response is not None and head.method not in SAFE_METHODS:
             # §4.4: a successful unsafe request invalidates what is stored for its target.
-            await cache.invalidate(invalidation_targets(head, exchange.response, make_key(head)))
+            await cache.invalidate(invalidation_targets(head, exchange.response, lookup.key))
+        if exchange.writer is not None:
+            await exchange.writer.commit()  # after the invalidation, which it survives
         return self._finished(exchange, head, cycle, record)
 
     def _revalidate_in_background(
@@ -359,20 +378,21 @@ class Pipeline:
                     raise
                 pool.release(conn)  # phase 11: reused only if the message ended cleanly
                 status = exchange.response.status if exchange.response else 0
-                group.observe(upstream, ok=status < 500)  # passive health (outlier detection)
+                # passive health (outlier detection)
+                group.observe(upstream, ok=status < 500, reason=f"status {status}")
                 record.bytes_sent = exchange.bytes_sent
                 record.upstream_time = time.monotonic() - started
                 record.upstream_status = exchange.response.status if exchange.response else None
                 return exchange
             except UpstreamError as error:
                 upstream.errors += 1
-                group.observe(upstream, ok=False)
+                group.observe(upstream, ok=False, reason=str(error))
                 record.upstream_time = time.monotonic() - started
                 last_error = error
                 response_started = exchange is not None and exchange.head_sent
                 body_sent = exchange is not None and exchange.body_sent_upstream
                 if not fresh_retry_used and is_keepalive_race(
-                    error, response_started=response_started, body_sent=body_sent
+                    error, head.method, response_started=response_started, body_sent=body_sent
                 ):
                     fresh_retry_used = True
                     force_fresh = True
@@ -403,6 +423,7 @@ class Pipeline:
                 raise
             finally:
                 upstream.in_flight -= 1
+                group.release(upstream)  # a freed slot goes to a queued request
 
     def _answer_error(
         self,
@@ -454,6 +475,23 @@ def _as_revalidation(lookup: Lookup) -> Lookup:
     if decision is not None:
         lookup.decision = Decision(Action.STALE_REVALIDATE, decision.age, decision.ttl, "stale")
     return lookup
+
+
+def _is_head_200(head: RequestHead, response: ResponseHead) -> bool:
+    return head.method == "HEAD" and response.status == 200
+
+
+def _without_revalidation(lookup: Lookup) -> Lookup:
+    """``lookup`` with its entry kept (for stale-if-error) but no longer revalidated."""
+    from pibl.cache.policy import Decision
+
+    plain = Lookup(lookup.key, lookup.request_time)
+    plain.entry = lookup.entry
+    plain.fwd = lookup.fwd
+    decision = lookup.decision
+    if decision is not None:
+        plain.decision = Decision(Action.MUST_FORWARD, decision.age, decision.ttl, decision.fwd)
+    return plain
 
 
 def _note_partial(record: AccessRecord, exchange: Exchange | None) -> None:

@@ -37,14 +37,19 @@ def should_retry(
     return method in IDEMPOTENT_METHODS and not body_sent
 
 
-def is_keepalive_race(error: BaseException, *, response_started: bool, body_sent: bool) -> bool:
+def is_keepalive_race(
+    error: BaseException, method: str, *, response_started: bool, body_sent: bool
+) -> bool:
     """A pooled connection closed by the server just as it was reused: retry on a fresh one.
 
     Only a close/reset is that race. A read timeout or an invalid response means the server
     received the request: repeating it would send it twice (and double a timeout's wait).
+    The server may have seen the request head before closing, so only idempotent methods are
+    repeated (Go's Transport: ``isReplayable``); a POST is never sent twice.
     """
     return (
-        isinstance(error, UpstreamClosed)
+        method in IDEMPOTENT_METHODS
+        and isinstance(error, UpstreamClosed)
         and error.reused
         and not response_started
         and not body_sent

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from pibl.accesslog import AccessLog, AccessLogger, NullAccessLog
+from pibl.balancer.checker import HealthChecker
 from pibl.balancer.group import UpstreamGroup
 from pibl.balancer.strategies import make_strategy
 from pibl.balancer.upstream import Address, Upstream
@@ -29,7 +30,10 @@ HEAD_READ_SLACK = 64 * 1024
 
 
 def build_group(settings: UpstreamSettings, connect_timeout: float) -> UpstreamGroup:
-    upstreams = [Upstream(entry.address, entry.weight) for entry in settings.servers]
+    upstreams = [
+        Upstream(entry.address, entry.weight, max_connections=entry.max_connections)
+        for entry in settings.servers
+    ]
     pools = {
         u.key: ConnectionPool(
             u.address,
@@ -40,7 +44,17 @@ def build_group(settings: UpstreamSettings, connect_timeout: float) -> UpstreamG
         for u in upstreams
     }
     strategy = make_strategy(settings.balance, hash_key=settings.hash_key)
-    return UpstreamGroup(settings.name, upstreams, strategy, pools, retries=settings.retries)
+    return UpstreamGroup(
+        settings.name,
+        upstreams,
+        strategy,
+        pools,
+        retries=settings.retries,
+        max_fails=settings.max_fails,
+        fail_timeout=settings.fail_timeout,
+        queue=settings.queue,
+        queue_timeout=settings.queue_timeout,
+    )
 
 
 def build_router(settings: Settings, groups: dict[str, UpstreamGroup]) -> Router[UpstreamGroup]:
@@ -102,6 +116,16 @@ class ProxyApp:
         # Background parts (health checkers, the admin listener): started after the listeners,
         # closed before the pools.
         self.services: list[Service] = []
+        self.services += [
+            HealthChecker(self.groups[name], up.health)
+            for name, up in settings.upstreams.items()
+            if up.health is not None
+        ]
+        self.admin_address: Address | None = None  # bound once the admin service started
+        if settings.admin is not None:
+            from pibl.admin.service import AdminService
+
+            self.services.append(AdminService(self, settings.admin))
         self.servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
         self._trusted_cache: dict[str, bool] = {}
@@ -123,8 +147,18 @@ class ProxyApp:
             self._trusted_cache[ip] = cached
         return cached
 
-    async def start(self, listen: Iterable[Address] | None = None) -> list[Address]:
-        """Listen on every configured address; returns them with the bound ports."""
+    async def start(
+        self,
+        listen: Iterable[Address] | None = None,
+        *,
+        reuse_port: bool = False,
+        log_listening: bool = True,
+    ) -> list[Address]:
+        """Listen on every configured address; returns them with the bound ports.
+
+        A worker process (``server/workers.py``) passes ``reuse_port=True`` to share the port
+        with the other workers, and ``log_listening=False``: its supervisor logs the address.
+        """
         loop = asyncio.get_running_loop()
         if self.cache is not None:
             await self.cache.storage.start()
@@ -134,13 +168,14 @@ class ProxyApp:
                 address.host,
                 address.port,
                 reuse_address=True,
+                reuse_port=reuse_port,
                 backlog=2048,
             )
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 self.addresses.append(Address(host, port))
-        for address in self.addresses:
+        for address in self.addresses if log_listening else ():
             log.info("listening on http://%s", address)
         for service in self.services:
             await service.start()

@@ -122,6 +122,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._url = b""
         self._headers: Headers = []
         self._header_bytes = 0
+        self._header_count = 0
+        self._stalled_bytes = 0  # fed since the body last made progress (chunk metadata, trailers)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,6 +172,7 @@ class DownstreamConnection(asyncio.Protocol):
         # httptools accumulates a header value without bound: count the bytes fed while a head
         # is incomplete (the precise per-field limits are checked in on_header).
         self._head_bytes = self._head_bytes + len(data) if self._in_head else len(data)
+        self._stalled_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -190,6 +193,10 @@ class DownstreamConnection(asyncio.Protocol):
         else:
             if self._in_head and self._head_bytes > self.app.max_head_bytes:
                 self._reject(ProtocolError("request head too large", 431))
+            elif self.receiving is not None and self._stalled_bytes > self.app.max_head_bytes:
+                # Bytes that are neither head nor body: endless chunk extensions or trailers,
+                # which llhttp would otherwise buffer without bound.
+                self._reject(ProtocolError("request trailer section too large", 431))
 
     def eof_received(self) -> bool | None:
         if self.tunnel_eof is not None:
@@ -238,6 +245,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._header_count = 0
         if self.task is None and not self.queue:
             self._arm(self.limits.client_header_timeout, self._on_head_timeout)
 
@@ -247,14 +255,18 @@ class DownstreamConnection(asyncio.Protocol):
             raise ProtocolError("request line too long", 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         # Each field costs its bytes plus ": " and CRLF on the wire.
         self._header_bytes += len(name) + len(value) + 4
+        self._header_count += 1
         if (
             self._header_bytes > self.limits.max_header_size
-            or len(self._headers) > self.limits.max_header_count
+            or self._header_count > self.limits.max_header_count
         ):
             raise ProtocolError("request header fields too large", 431)
+        if self._in_head:
+            self._headers.append((name, value))
+        # else: a trailer field (RFC 9112 §7.1.2). PIBL re-frames bodies and does not forward
+        # trailers; above all they must never join the head that was already validated.
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -282,6 +294,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.task = self.loop.create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
+        self._stalled_bytes = 0
         cycle = self.receiving
         if cycle is None:
             return
@@ -295,6 +308,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._body_activity = self.loop.time()
 
     def on_message_complete(self) -> None:
+        self._stalled_bytes = 0
         cycle = self.receiving
         self.receiving = None
         if cycle is not None and cycle.head is not None and cycle.head.has_body:
