@@ -16,6 +16,7 @@ from pibl.config import Settings, load_config, quick_settings
 from pibl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pibl.server.app import ProxyApp
     from pibl.server.workers import WorkerLink
 
 log = logging.getLogger("pibl")
@@ -87,7 +88,16 @@ async def serve(
     # right after it must take the graceful path, not the default action (killed by SIGTERM).
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, app.access_log.reopen)
+    # Looked up at signal time: a reload may have replaced the access log.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: app.access_log.reopen())
+    reloading: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(app))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     if worker is None:
         await app.start()
     else:
@@ -102,6 +112,23 @@ async def serve(
     )
     await app.aclose()
     log.info("stopped")
+
+
+async def _reload(app: ProxyApp) -> None:
+    """SIGHUP: re-read the same config file; an invalid one is logged and the old one kept."""
+    source = app.settings.source
+    if source is None:
+        log.warning("SIGHUP: PIBL was started without a config file; nothing to reload")
+        return
+    try:
+        settings = load_config(source)
+    except ConfigError as error:
+        log.error("reload refused, the running configuration stays: %s", error)
+        return
+    try:
+        await app.reload(settings)
+    except Exception:
+        log.exception("reload failed; the running configuration stays")
 
 
 async def _demo(listen: str) -> None:

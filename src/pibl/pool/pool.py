@@ -34,6 +34,7 @@ class ConnectionPool:
         self.connects = 0
         self.reuses = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self.retired = False
 
     @property
     def idle(self) -> int:
@@ -77,7 +78,11 @@ class ConnectionPool:
         """Return ``conn`` after its exchange; it is kept only if its message ended cleanly."""
         self.active -= 1
         conn.finish()
-        if not (conn.is_open and conn.is_reusable) or len(self._idle) >= self.max_idle:
+        if (
+            self.retired
+            or not (conn.is_open and conn.is_reusable)
+            or len(self._idle) >= self.max_idle
+        ):
             conn.close()
             return
         loop = asyncio.get_running_loop()
@@ -103,6 +108,11 @@ class ConnectionPool:
             self._sweeper = loop.call_later(
                 max(0.05, idle[0].idle_since + self.idle_timeout - loop.time()), self._sweep
             )
+
+    def retire(self) -> None:
+        """No longer part of the configuration: close idle connections, keep none again."""
+        self.retired = True
+        self.close()
 
     def close(self) -> None:
         if self._sweeper is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 from collections import deque
@@ -29,20 +30,34 @@ log = logging.getLogger("pibl.server")
 HEAD_READ_SLACK = 64 * 1024
 
 
-def build_group(settings: UpstreamSettings, connect_timeout: float) -> UpstreamGroup:
+def build_group(
+    settings: UpstreamSettings,
+    connect_timeout: float,
+    reusable_pools: dict[str, ConnectionPool] | None = None,
+) -> UpstreamGroup:
+    """A group from settings; ``reusable_pools`` (by server key) keeps warm keep-alive pools
+    across a reload when a server's pool settings did not change."""
     upstreams = [
         Upstream(entry.address, entry.weight, max_connections=entry.max_connections)
         for entry in settings.servers
     ]
-    pools = {
-        u.key: ConnectionPool(
-            u.address,
-            max_idle=settings.keepalive,
-            idle_timeout=settings.keepalive_timeout,
-            connect_timeout=connect_timeout,
-        )
-        for u in upstreams
-    }
+    pools = {}
+    for u in upstreams:
+        pool = (reusable_pools or {}).pop(u.key, None)
+        if pool is None or (pool.max_idle, pool.idle_timeout, pool.connect_timeout) != (
+            settings.keepalive,
+            settings.keepalive_timeout,
+            connect_timeout,
+        ):
+            if pool is not None:
+                pool.retire()
+            pool = ConnectionPool(
+                u.address,
+                max_idle=settings.keepalive,
+                idle_timeout=settings.keepalive_timeout,
+                connect_timeout=connect_timeout,
+            )
+        pools[u.key] = pool
     strategy = make_strategy(settings.balance, hash_key=settings.hash_key)
     return UpstreamGroup(
         settings.name,
@@ -55,6 +70,14 @@ def build_group(settings: UpstreamSettings, connect_timeout: float) -> UpstreamG
         queue=settings.queue,
         queue_timeout=settings.queue_timeout,
     )
+
+
+def _health_checkers(settings: Settings, groups: dict[str, UpstreamGroup]) -> list[HealthChecker]:
+    return [
+        HealthChecker(groups[name], up.health)
+        for name, up in settings.upstreams.items()
+        if up.health is not None
+    ]
 
 
 def build_router(settings: Settings, groups: dict[str, UpstreamGroup]) -> Router[UpstreamGroup]:
@@ -87,10 +110,7 @@ class ProxyApp:
     def __init__(self, settings: Settings, access_log: AccessLogger | None = None) -> None:
         self.settings = settings
         server = settings.server
-        self.limits = server
-        self.max_head_bytes = server.max_request_line + server.max_header_size + HEAD_READ_SLACK
-        self.keepalive_enabled = server.keepalive_timeout > 0
-        self._trusted = tuple(server.trusted_proxies)
+        self._apply_server_settings(settings)
         self.groups = {
             name: build_group(up, server.connect_timeout) for name, up in settings.upstreams.items()
         }
@@ -111,16 +131,12 @@ class ProxyApp:
             self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
         )
         self.connections: set[DownstreamConnection] = set()
-        self.max_connections = server.max_connections
         self.waiting: deque[DownstreamConnection] = deque()  # accepted beyond max_connections
         # Background parts (health checkers, the admin listener): started after the listeners,
         # closed before the pools.
         self.services: list[Service] = []
-        self.services += [
-            HealthChecker(self.groups[name], up.health)
-            for name, up in settings.upstreams.items()
-            if up.health is not None
-        ]
+        self.health_checkers = _health_checkers(settings, self.groups)
+        self.services += self.health_checkers
         self.admin_address: Address | None = None  # bound once the admin service started
         if settings.admin is not None:
             from pibl.admin.service import AdminService
@@ -128,7 +144,78 @@ class ProxyApp:
             self.services.append(AdminService(self, settings.admin))
         self.servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
+
+    def _apply_server_settings(self, settings: Settings) -> None:
+        server = settings.server
+        self.limits = server
+        self.max_head_bytes = server.max_request_line + server.max_header_size + HEAD_READ_SLACK
+        self.keepalive_enabled = server.keepalive_timeout > 0
+        self.max_connections = server.max_connections
+        self._trusted = tuple(server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
+
+    async def reload(self, settings: Settings) -> None:
+        """Swap routes, pools, strategies, limits and the access log for ``settings``.
+
+        Client connections stay open; requests in flight finish on the pools they started
+        on. The swap itself is one synchronous block, so no request sees half of it. What
+        cannot change without a restart (listen addresses, workers, cache, admin) is kept
+        and logged.
+        """
+        old = self.settings
+        for what, before, after in (
+            ("server.listen", old.server.listen, settings.server.listen),
+            ("server.workers", old.server.workers, settings.server.workers),
+            ("cache", old.cache, settings.cache),
+            ("admin", old.admin, settings.admin),
+        ):
+            if before != after:
+                log.warning("reload: %s changed; it takes effect after a restart", what)
+        reusable = {
+            key: pool for group in self.groups.values() for key, pool in group.pools.items()
+        }
+        groups = {
+            name: build_group(up, settings.server.connect_timeout, reusable)
+            for name, up in settings.upstreams.items()
+        }
+        router = build_router(settings, groups)
+        checkers = _health_checkers(settings, groups)
+        for checker in checkers:
+            await checker.start()
+        access_log: AccessLogger | None = None
+        if settings.access_log != old.access_log:
+            cfg = settings.access_log
+            access_log = AccessLog(cfg.path, cfg.format) if cfg.enabled else NullAccessLog()
+
+        # -- the swap ------------------------------------------------------------------------
+        old_checkers, old_log = self.health_checkers, self.access_log
+        self.settings = dataclasses.replace(
+            settings,
+            server=dataclasses.replace(settings.server, listen=old.server.listen),
+            cache=old.cache,
+            admin=old.admin,
+        )
+        self._apply_server_settings(self.settings)
+        self.groups, self.router, self.health_checkers = groups, router, checkers
+        self.pipeline.router = router
+        self.pipeline.read_timeout = settings.server.read_timeout
+        self.services = [*(s for s in self.services if s not in old_checkers), *checkers]
+        if access_log is not None:
+            self.access_log = self.pipeline.access_log = access_log
+        # -----------------------------------------------------------------------------------
+
+        for checker in old_checkers:
+            await checker.aclose()
+        for pool in reusable.values():
+            pool.retire()  # not taken over by the new groups (build_group took the others)
+        if access_log is not None:
+            old_log.close()
+        log.info(
+            "reloaded %s: %d upstream pool(s), %d route(s)",
+            settings.source or "settings",
+            len(groups),
+            len(settings.routes),
+        )
 
     def is_trusted(self, ip: str) -> bool:
         """Whether ``ip`` is a configured trusted proxy (its X-Forwarded-* are kept)."""
