@@ -266,7 +266,7 @@ def format_combined(rec: AccessRecord) -> str:
 
     ``$remote_addr - - [$time_local] "$request" $status $body_bytes_sent "$http_referer"
     "$http_user_agent" upstream=... upstream_status=... upstream_time=... request_time=...
-    cache=... route="..." error="..."``. The combined prefix is unchanged so that existing
+    cache="..." route="..." error="..."``. The combined prefix is unchanged so that existing
     parsers (goaccess, fail2ban, awstats) keep working; the extras only append.
     """
     if rec.method or rec.target:
@@ -284,7 +284,7 @@ def format_combined(rec: AccessRecord) -> str:
         f"upstream={_bare(rec.upstream_addr)} upstream_status={upstream_status} "
         f"upstream_time={_seconds_text(rec.upstream_time)} "
         f"request_time={_seconds_text(rec.total_time)} "
-        f"cache={_bare(rec.cache_status)} "
+        f'cache="{_quoted(rec.cache_status)}" '
         f'route="{_quoted(rec.route)}" error="{_quoted(rec.error)}"'
     )
 

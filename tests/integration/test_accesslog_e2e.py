@@ -52,7 +52,7 @@ COMBINED = re.compile(
     r"upstream=(?P<upstream>\S+) upstream_status=(?P<upstream_status>\d{3}|-) "
     r"upstream_time=(?P<upstream_time>\d+\.\d{3}|-) "
     r"request_time=(?P<request_time>\d+\.\d{3}) "
-    r"cache=(?P<cache>\S+) "
+    r'cache="(?P<cache>[^"]*)" '
     r'route="(?P<route>[^"]*)" error="(?P<error>[^"]*)"'
 )
 
@@ -483,9 +483,9 @@ async def test_request_data_cannot_forge_a_line_or_a_field(tmp_path: Path, fmt: 
         assert (entry.request, entry.user_agent, entry.upstream) == ("", "", "")
     if fmt == "combined":
         for line in lines:
-            # Only the format's own quotes: request, referer, agent, route, error. The fake
-            # "upstream=evil" stays inside the escaped user-agent (parse_line's fullmatch).
-            assert line.count('"') == 10, line
+            # Only the format's own quotes: request, referer, agent, cache, route, error. The
+            # fake "upstream=evil" stays inside the escaped user-agent (parse_line's fullmatch).
+            assert line.count('"') == 12, line
     else:
         assert all("evil" not in json.loads(line)["upstream_addr"] for line in lines)
 

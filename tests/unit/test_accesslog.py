@@ -109,14 +109,14 @@ def test_combined_full_record() -> None:
     assert format_combined(full_record()) == (
         '192.0.2.7 - - [28/Nov/2026:12:00:00 +0000] "GET /api/items?id=3 HTTP/1.1" 200 5120 '
         '"https://example.com/page" "curl/8.5.0" upstream=10.0.0.2:8080 upstream_status=200 '
-        'upstream_time=0.012 request_time=0.015 cache=HIT route="api" error="-"'
+        'upstream_time=0.012 request_time=0.015 cache="HIT" route="api" error="-"'
     )
 
 
 def test_combined_minimal_record() -> None:
     assert format_combined(AccessRecord()) == (
         '- - - [01/Jan/1970:00:00:00 +0000] "-" 0 0 "-" "-" upstream=- upstream_status=- '
-        'upstream_time=- request_time=0.000 cache=- route="-" error="-"'
+        'upstream_time=- request_time=0.000 cache="-" route="-" error="-"'
     )
 
 
@@ -134,7 +134,7 @@ def test_combined_failed_request() -> None:
     assert '"POST /upload HTTP/1.1" 499 0 ' in line
     # Unquoted values cannot contain a space, or they could fake the next field.
     assert " upstream=10.0.0.2:8080,\\x2010.0.0.3:8080 upstream_status=-" in line
-    assert line.endswith('request_time=2.500 cache=- route="-" error="client closed connection"')
+    assert line.endswith('request_time=2.500 cache="-" route="-" error="client closed connection"')
 
 
 def test_json_full_record() -> None:
