@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.support import (
     request,
     running_backends,
     running_proxy,
+    wait_until,
 )
 
 
@@ -280,3 +282,17 @@ async def test_200_to_an_upgrade_request_is_not_a_tunnel() -> None:
         assert response.header("Connection") == "close"
         assert await client.is_closed()
         await client.aclose()
+
+
+async def test_event_log_records_connections_at_debug_level(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="pibl.server")
+    async with running_backends(count=1) as backends, running_proxy(make_settings(backends)) as app:
+        client = await Client.connect(app.addresses[0])
+        assert (await client.request()).status == 200
+        await client.aclose()
+        await wait_until(lambda: not app.connections)
+    messages = [r.getMessage() for r in caplog.records if r.name == "pibl.server"]
+    assert any(m.startswith("connection from 127.0.0.1:") for m in messages)
+    assert any(m.startswith("connection from 127.0.0.1:") and "closed" in m for m in messages)

@@ -134,6 +134,8 @@ class DownstreamConnection(asyncio.Protocol):
             self.client_ip = str(peer[0])
             self.client_addr = f"{peer[0]}:{peer[1]}"
         self.is_trusted = self.app.is_trusted(self.client_ip)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection from %s", self.client_addr)
         app = self.app
         if app.max_connections and len(app.connections) >= app.max_connections:
             # Over the listener's limit: the connection waits, unread, until a slot frees
@@ -210,6 +212,8 @@ class DownstreamConnection(asyncio.Protocol):
         return bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection from %s closed%s", self.client_addr, f": {exc}" if exc else "")
         self.is_closed = True
         self._cancel_timer()
         if self._write_timer is not None:
