@@ -37,12 +37,14 @@ __all__ = [
     "AccessLogSettings",
     "AdminSettings",
     "CacheSettings",
+    "CertificateSettings",
     "HealthSettings",
     "LogSettings",
     "RouteSettings",
     "ServerEntry",
     "ServerSettings",
     "Settings",
+    "TlsSettings",
     "UpstreamSettings",
     "load_config",
     "parse_address",
@@ -96,6 +98,29 @@ class ServerSettings:
     max_header_count: int = 100
     max_body_size: int = 0
     max_connections: int = 0
+    # A tunnel (after 101 Switching Protocols) with no byte either way for this long is closed
+    # on both sides; 0 = never. HAProxy's ``timeout tunnel`` plays this part.
+    tunnel_idle_timeout: float = 3600.0
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateSettings:
+    """One of ``server.tls.certificates``: PEM files (absolute once loaded) and, optionally,
+    the SNI names it answers for instead of those read from the certificate."""
+
+    cert: str
+    key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """``[server.tls]``: HTTPS listeners; the first certificate is the default for SNI."""
+
+    listen: tuple[Address, ...]
+    certificates: tuple[CertificateSettings, ...]
+    redirect_http: bool = False  # plain listeners answer 308 to https://host/path
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +172,12 @@ class UpstreamSettings:
     # after ``queue_timeout`` they are answered 503. 0 = no queue.
     queue: int = 100
     queue_timeout: float = 10.0
+    # HTTPS to the servers: verified against ``tls_ca`` (else the system's CAs) and
+    # ``tls_server_name`` (else each server's host), which is also the SNI sent.
+    tls: bool = False
+    tls_verify: bool = True
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -771,6 +802,13 @@ def _admin(value: Any, server: ServerSettings) -> AdminSettings:
     admin = _ADMIN.load(value, "admin")
     if admin.listen.port != 0 and admin.listen in server.listen:
         raise _Invalid("admin.listen", f"{admin.listen} is already server.listen")
+    if server.workers > 1:
+        # Each worker counts only its own requests, and all of them would bind admin.listen.
+        raise _Invalid(
+            "admin",
+            f"not available with server.workers = {server.workers} yet; "
+            "use workers = 1 to run the admin API",
+        )
     return admin
 
 

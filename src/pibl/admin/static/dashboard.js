@@ -125,13 +125,25 @@
     return row;
   }
 
-  function renderServer(row, server, before, seconds) {
+  function renderState(row, server) {
     const cells = row.cells;
     set(cells[1], server.state);
     cells[1].className = "state state-" + server.state;
     row.dataset.state = server.state;
     row.classList.toggle("is-drained", server.drained);
     set(cells[2], String(server.weight));
+    const button = cells[10].firstElementChild;
+    if (!button.disabled) {
+      set(button, server.drained ? "Enable" : "Drain");
+      button.className = server.drained ? "enable" : "drain";
+      button.title = server.drained ? "send new requests to this server again"
+        : "stop sending new requests to this server";
+    }
+  }
+
+  function renderServer(row, server, before, seconds) {
+    const cells = row.cells;
+    renderState(row, server);
     let rps = null, errorRate = null;
     if (before && seconds > 0) {
       const requests = server.requests - before.requests;
@@ -146,13 +158,6 @@
     set(cells[7], String(server.in_flight));
     set(cells[8], server.connections.active + " / " + server.connections.idle);
     set(cells[9], String(server.requests));
-    const button = cells[10].firstElementChild;
-    if (!button.disabled) {
-      set(button, server.drained ? "Enable" : "Drain");
-      button.className = server.drained ? "enable" : "drain";
-      button.title = server.drained ? "send new requests to this server again"
-        : "stop sending new requests to this server";
-    }
     return rps;
   }
 
@@ -234,7 +239,7 @@
       const updated = await api("POST", path);
       showMessage(null);
       button.disabled = false;
-      renderServer(row, updated, null, 0);
+      renderState(row, updated);  // rates wait for the next poll
     } catch (error) {
       button.disabled = false;
       showMessage(action + " " + server + ": " + error.message);
