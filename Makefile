@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck unit bench cache-tests clean
+.PHONY: install demo test lint typecheck unit bench cache-tests clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -31,7 +31,14 @@ typecheck: install
 unit: install
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck
+# Programs the tests start for real: headless Chromium for the dashboard test. Installed with
+# apt-get when missing (as root, like CI); elsewhere install them once by hand.
+system-deps:
+	@command -v chromium >/dev/null || { \
+		echo "installing Debian's chromium for the dashboard test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: lint typecheck system-deps
 	$(BIN)/pytest
 
 clean:
