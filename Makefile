@@ -22,8 +22,8 @@ demo: install
 	$(BIN)/pibl demo
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -39,10 +39,23 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 test: lint typecheck system-deps
+	@command -v redis-server >/dev/null || { \
+		echo "installing Debian's redis-server for the redis cache tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 	$(BIN)/pytest
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# PIBL against nginx and HAProxy: installs wrk, nginx, haproxy (apt-get) and the bench extra.
+# About 15 min; shorter: make bench BENCH_DURATION=2 BENCH_ROUNDS=1. Profile: BENCH_ARGS=--profile
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # The public HTTP caching test suite (npm http-cache-tests) against PIBL, memory then disk.
 cache-tests: install

@@ -8,6 +8,7 @@ import hashlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 import httptools
@@ -105,8 +106,11 @@ class _RequestParser:
 class Backend:
     """An HTTP/1.1 origin that records what it received and answers with ``handler``."""
 
-    def __init__(self, handler: Handler | None = None, name: str = "backend") -> None:
+    def __init__(
+        self, handler: Handler | None = None, name: str = "backend", ssl: SSLContext | None = None
+    ) -> None:
         self.name = name
+        self.ssl = ssl  # serve HTTPS with this context
         self.handler = handler or default_handler(name)
         self.requests: list[Received] = []
         self.raw = bytearray()
@@ -117,7 +121,7 @@ class Backend:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         host, port = self.server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)
         return self

@@ -6,14 +6,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pibl import __version__
-from pibl.config import Settings, load_config, quick_settings
-from pibl.errors import ConfigError
+from pibl.config import HeaderEditSettings, Settings, load_config, quick_settings
+from pibl.errors import ConfigError, ProtocolError
+from pibl.http.head import RequestHead
 
 if TYPE_CHECKING:
     from pibl.server.app import ProxyApp
@@ -41,6 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True)
 
+    route = sub.add_parser(
+        "route",
+        help="explain which route a request would take",
+        description="Explain which [[routes]] rule a request would take and why, and what "
+        "happens to it there. Exit status: 0 when a route matches, 1 when none does.",
+    )
+    route.add_argument("-c", "--config", required=True)
+    route.add_argument("url", help='e.g. "http://api.example.com/v1/users?id=7" or "/v1/users"')
+    route.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar='"NAME: VALUE"',
+        help="a request header field (repeatable)",
+    )
+
     demo = sub.add_parser("demo", help="start demo backends and PIBL in front of them")
     demo.add_argument("--listen", default="127.0.0.1:8080")
     return parser
@@ -54,6 +73,154 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     if not args.listen or not args.backend:
         raise ConfigError("pibl run needs -c FILE, or --listen ADDRESS and at least one --backend")
     return quick_settings(args.listen, args.backend, args.balance)
+
+
+# --------------------------------------------------------------------------- check, route
+
+
+_ROUTES_HEADER = re.compile(r"\s*\[\[\s*routes\s*\]\]")
+
+
+def _route_labels(settings: Settings) -> list[str]:
+    """``routes[i]``, with the line of its ``[[routes]]`` header when the file has one each."""
+    labels = [f"routes[{i}]" for i in range(len(settings.routes))]
+    try:
+        with open(settings.source or "", encoding="utf-8") as file:
+            lines = [n for n, line in enumerate(file, 1) if _ROUTES_HEADER.match(line)]
+    except OSError:
+        return labels
+    if len(lines) != len(labels):  # routes written as an inline array: no line per rule
+        return labels
+    return [f"{label} (line {line})" for label, line in zip(labels, lines, strict=True)]
+
+
+def _check_warnings(settings: Settings) -> list[str]:
+    """Rules that can never match (an earlier one takes all their requests); header-matched
+    rules whose cached responses would be shared with other routes."""
+    from pibl.proxy.routing import Route, cached_by_header, shadowed
+
+    routes = [Route.from_settings(r, r.upstream) for r in settings.routes]
+    labels = _route_labels(settings)
+    warnings = [
+        f"{labels[index]} can never match: {labels[by]} before it matches every request it "
+        "would (first match wins)"
+        for index, by in shadowed(routes)
+    ]
+    if settings.cache.enabled:
+        for index in cached_by_header(routes):
+            names = ", ".join(settings.routes[index].headers or {})
+            warnings.append(
+                f"{labels[index]} matches on {names} and uses the cache, whose key is the URL: "
+                "its responses are also served to requests for the same URL that take another "
+                f"route, unless the upstream sends Vary: {names} (or set cache = false)"
+            )
+    return warnings
+
+
+def _explain_request(url: str, header_args: Sequence[str]) -> RequestHead:
+    """The request ``pibl route`` explains: ``url`` absolute (its authority is the Host) or a
+    path, and ``-H "Name: value"`` fields. Raises ``ValueError`` for what PIBL would refuse."""
+    from pibl.http.validate import validate_request_head
+
+    headers: list[tuple[bytes, bytes]] = []
+    for item in header_args:
+        name, colon, value = item.partition(":")
+        if not colon or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f'-H {item!r}: expected "Name: value"')
+        headers.append((name.encode("latin-1"), value.strip().encode("latin-1")))
+    has_host = any(name.lower() == b"host" for name, _ in headers)
+    target = url
+    if not url.startswith("/"):
+        rest = url.split("://", 1)[1] if "://" in url else url
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        authority, target = rest[:cut].rsplit("@", 1)[-1], rest[cut:]
+        if not target.startswith("/"):
+            target = "/" + target
+        if has_host:
+            raise ValueError("the URL names the host already; leave out -H Host")
+        headers.insert(0, (b"Host", authority.encode("latin-1")))
+    elif not has_host:
+        headers.insert(0, (b"Host", b""))
+    try:
+        return validate_request_head("GET", target.encode(), "1.1", headers, keep_alive=True)
+    except ProtocolError as error:
+        raise ValueError(f"{url}: not a request PIBL would accept: {error}") from None
+
+
+def _describe_upstream(settings: Settings, name: str) -> list[str]:
+    upstream = settings.upstreams[name]
+    balance = upstream.balance
+    if balance == "consistent_hash":
+        balance += f" on {upstream.hash_key}"
+    lines = [f'upstream pool: "{name}", balance {balance}, retries {upstream.retries}']
+    for entry in upstream.servers:
+        extra = f" weight {entry.weight}" if entry.weight != 1 else ""
+        if entry.max_connections:
+            extra += f" max_connections {entry.max_connections}"
+        lines.append(f"  server {entry.address}{extra}")
+    return lines
+
+
+def _edits_text(edits: HeaderEditSettings | None) -> str:
+    if edits is None:
+        return "none"
+    parts = [f"set {n}: {v}" for n, v in edits.set.items()]
+    parts += [f"add {n}: {v}" for n, v in edits.add.items()]
+    parts += [f"remove {n}" for n in edits.remove]
+    return "; ".join(parts) or "none"
+
+
+def _route_report(settings: Settings, request: RequestHead) -> tuple[list[str], bool]:
+    """What ``pibl route`` prints, and whether a route matched."""
+    from pibl.proxy.rewrite import strip_prefix
+    from pibl.proxy.routing import Route, explain, normalize_host
+
+    fields = ", ".join(
+        f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in request.headers if v
+    )
+    host = normalize_host(request.host)
+    lines = [
+        f"request: GET {request.target.decode('latin-1')} ({fields}; routed on host "
+        + (f'"{host}")' if host else "(none))")
+    ]
+    if not settings.routes:
+        name = settings.default_upstream or "default"
+        lines.append(f'no [[routes]]: every request goes to the upstream pool "{name}"')
+        return [*lines, *_describe_upstream(settings, name)], True
+    routes = [Route.from_settings(r, r.upstream) for r in settings.routes]
+    labels = _route_labels(settings)
+    decision = explain(routes, request)
+    for index, reason in decision.skipped:
+        lines.append(f"{labels[index]}: skipped, {reason}")
+    if decision.matched is None:
+        lines.append("no route matches: PIBL answers 404 Not Found")
+        return lines, False
+    index = decision.matched
+    route, chosen = routes[index], settings.routes[index]
+    conditions = ", ".join(route.conditions()) or "no conditions: matches every request"
+    lines.append(f"{labels[index]}: MATCHED ({conditions})")
+    if index + 1 < len(routes):
+        lines.append(f"  (the {len(routes) - index - 1} rule(s) after it are not considered)")
+    lines += _describe_upstream(settings, chosen.upstream)
+    target = request.target
+    if route.strip_prefix and route.path_prefix is not None:
+        target = strip_prefix(target, route.path_prefix)
+        prefix = route.path_prefix.decode()
+        lines.append(f'target sent upstream: {target.decode("latin-1")} (strip_prefix "{prefix}")')
+    else:
+        lines.append(f"target sent upstream: {target.decode('latin-1')} (unchanged)")
+    if not settings.cache.enabled:
+        lines.append("cache: off ([cache] enabled = false)")
+    else:
+        lines.append("cache: " + ("on" if route.cache else "off (cache = false)"))
+    limit = route.max_body_size or settings.server.max_body_size
+    source = "the route's" if route.max_body_size else "the server's"
+    lines.append(
+        f"max_body_size: {limit} bytes ({source})" if limit else "max_body_size: unlimited"
+    )
+    lines.append(f"request header edits: {_edits_text(chosen.request_headers)}")
+    lines.append(f"response header edits: {_edits_text(chosen.response_headers)}")
+    return lines, True
 
 
 def configure_logging(level: str) -> None:
@@ -170,7 +337,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_config(args.config)
             pools, routes = len(settings.upstreams), len(settings.routes)
             print(f"{args.config}: OK ({pools} upstream pool(s), {routes} route(s))")
+            for warning in _check_warnings(settings):
+                print(f"{args.config}: warning: {warning}", file=sys.stderr)
             return 0
+        if args.command == "route":
+            settings = load_config(args.config)
+            try:
+                request = _explain_request(args.url, args.header)
+            except ValueError as error:
+                print(f"pibl route: {error}", file=sys.stderr)
+                return 2
+            lines, matched = _route_report(settings, request)
+            print("\n".join(lines))
+            return 0 if matched else 1
         if args.command == "demo":
             configure_logging("info")
             _install_loop(True)

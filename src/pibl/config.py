@@ -22,12 +22,14 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from fractions import Fraction
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from pibl.balancer.upstream import Address
 from pibl.errors import ConfigError
+from pibl.proxy.rewrite import UNEDITABLE
+from pibl.tls import CertificateError, client_context, load_certificate
 
 __all__ = [
     "ACCESS_LOG_FORMATS",
@@ -38,6 +40,7 @@ __all__ = [
     "AdminSettings",
     "CacheSettings",
     "CertificateSettings",
+    "HeaderEditSettings",
     "HealthSettings",
     "LogSettings",
     "RouteSettings",
@@ -181,13 +184,34 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderEditSettings:
+    """A route's ``request_headers`` / ``response_headers``: ``set`` replaces every field of a
+    name with one, ``add`` appends one, ``remove`` drops them all (names case-insensitive; a
+    name appears in one of the three at most). See ``pibl.proxy.rewrite``."""
+
+    set: Mapping[str, str] = field(default_factory=dict)
+    add: Mapping[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSettings:
-    """``[[routes]]``: first match wins; ``host`` is exact or ``*.example.com``."""
+    """``[[routes]]``: first match wins; ``host`` is exact or ``*.example.com``.
+
+    ``headers``: fields the request must carry, name → exact value (``"*"``: any value).
+    Options left out are None (``strip_prefix`` None is false, ``max_body_size`` None leaves
+    the server's limit), so that ``settings_to_dict`` shows what was written.
+    """
 
     upstream: str
     host: str | None = None
     path_prefix: str | None = None
     cache: bool = True
+    headers: Mapping[str, str] | None = None
+    strip_prefix: bool | None = None
+    request_headers: HeaderEditSettings | None = None
+    response_headers: HeaderEditSettings | None = None
+    max_body_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +234,7 @@ class CacheSettings:
     max_object_size: int = 8 * _MIB
     default_ttl: float = 0.0
     redis_url: str = ""
+    redis_prefix: str = "pibl"  # namespace of every Redis key PIBL uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,6 +702,111 @@ def _route_host(value: Any, _path: str) -> str:
     return f"*.{host}" if wildcard else host
 
 
+# RFC 9110 §5.5 field-value, ASCII only: visible characters with spaces or tabs between them
+# (leading or trailing whitespace would be stripped by the receiving parser).
+_HEADER_VALUE_RE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?", re.ASCII)
+_HEADER_NAME_WHAT = "a header name (letters, digits and !#$%&'*+-.^_`|~)"
+
+
+def _header_value(value: Any, _path: str) -> str:
+    if not isinstance(value, str) or not _HEADER_VALUE_RE.fullmatch(value):
+        raise _expected(
+            "a header value (visible ASCII and spaces, no leading or trailing space)", value
+        )
+    return value
+
+
+def _header_name(value: Any, _path: str) -> str:
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
+        raise _expected(_HEADER_NAME_WHAT, value)
+    return value
+
+
+def _header_fields(value: Any, path: str) -> dict[str, str]:
+    """A table of header name → value, names unique regardless of case."""
+    if not isinstance(value, Mapping):
+        raise _Invalid(path, str(_expected('a table, e.g. { "X-Canary" = "1" }', value)))
+    fields_: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name, raw in value.items():
+        key = _join(path, name)
+        if not _TOKEN_RE.fullmatch(name):
+            raise _Invalid(key, f"invalid header name; expected {_HEADER_NAME_WHAT}")
+        first = seen.setdefault(name.lower(), name)
+        if first != name:
+            raise _Invalid(key, f"duplicate header (names ignore case): {json.dumps(first)}")
+        fields_[name] = _convert(_header_value, raw, key)
+    return fields_
+
+
+def _route_headers(value: Any, path: str) -> dict[str, str]:
+    conditions = _header_fields(value, path)
+    for name in conditions:
+        if name.lower() == "host":
+            raise _Invalid(_join(path, name), 'match the host with the route\'s "host" key')
+    return conditions
+
+
+def _header_names(value: Any, path: str) -> tuple[str, ...]:
+    names: tuple[str, ...] = _array(value, path, "an array of header names", _header_name)
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first = seen.setdefault(name.lower(), i)
+        if first != i:
+            raise _Invalid(f"{path}[{i}]", f"duplicate header {json.dumps(name)}")
+    return names
+
+
+def _check_edits(*, request: bool) -> Callable[[HeaderEditSettings, str], None]:
+    def check(edits: HeaderEditSettings, path: str) -> None:
+        used: dict[str, str] = {}  # lower-case name → the list that has it
+        entries = [(_join(_join(path, "set"), name), "set", name) for name in edits.set]
+        entries += [(_join(_join(path, "add"), name), "add", name) for name in edits.add]
+        entries += [(f"{path}.remove[{i}]", "remove", n) for i, n in enumerate(edits.remove)]
+        for key, kind, name in entries:
+            lname = name.lower()
+            if lname.encode("ascii") in UNEDITABLE:
+                raise _Invalid(
+                    key, f"{name} is a hop-by-hop or framing field that PIBL manages itself"
+                )
+            if request and lname == "host" and kind != "set":
+                raise _Invalid(key, "a request carries exactly one Host; only set can change it")
+            if lname in used:
+                raise _Invalid(
+                    key, f"{name} is already in {used[lname]}; a header goes in one list only"
+                )
+            used[lname] = kind
+
+    return check
+
+
+_EDITS_WHAT = 'a table, e.g. { set = { "X-A" = "1" }, add = { "X-B" = "2" }, remove = ["X-C"] }'
+
+
+def _request_edits(value: Any, path: str) -> HeaderEditSettings:
+    if not isinstance(value, Mapping):
+        raise _expected(_EDITS_WHAT, value)
+    return _REQUEST_EDITS.load(value, path)
+
+
+def _response_edits(value: Any, path: str) -> HeaderEditSettings:
+    if not isinstance(value, Mapping):
+        raise _expected(_EDITS_WHAT, value)
+    return _RESPONSE_EDITS.load(value, path)
+
+
+# Fields PIBL drops from untrusted peers (pibl.http.rules): a route may only rely on them
+# behind trusted proxies.
+_FORGEABLE: Final = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
+)
+
+
+def _check_route(route: RouteSettings, path: str) -> None:
+    if route.strip_prefix and route.path_prefix is None:
+        raise _Invalid(_join(path, "strip_prefix"), "needs path_prefix (the prefix to strip)")
+
+
 def _url_path(value: Any, _path: str) -> str:
     if (
         not isinstance(value, str)
@@ -698,6 +828,15 @@ def _redis_url(value: Any, _path: str) -> str:
         value and not value.startswith(("redis://", "rediss://", "unix://"))
     ):
         raise _expected('a "redis://", "rediss://" or "unix://" URL', value)
+    return value
+
+
+_REDIS_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}", re.ASCII)
+
+
+def _redis_prefix(value: Any, _path: str) -> str:
+    if not isinstance(value, str) or not _REDIS_PREFIX_RE.fullmatch(value):
+        raise _expected("1-64 letters, digits or _ . : { } - (a Redis key prefix)", value)
     return value
 
 
@@ -824,6 +963,86 @@ def _check_cache(cache: CacheSettings, path: str) -> None:
         )
 
 
+def _hostname(value: Any, _path: str) -> str:
+    what = "a hostname or IP address"
+    if not isinstance(value, str):
+        raise _expected(what, value)
+    try:
+        return _host_value(value)
+    except ValueError as exc:
+        raise _expected(what, value, str(exc)) from None
+
+
+def _names(value: Any, path: str) -> tuple[str, ...]:
+    names: tuple[str, ...] = _array(
+        value, path, 'an array of hostnames (or "*.example.com")', _route_host
+    )
+    return names
+
+
+def _certificate(value: Any, path: str) -> CertificateSettings:
+    return _CERTIFICATE.load(value, path)
+
+
+def _certificates(value: Any, path: str) -> tuple[CertificateSettings, ...]:
+    what = "an array of {cert = ..., key = ...} tables"
+    certificates: tuple[CertificateSettings, ...] = _array(value, path, what, _certificate)
+    if not certificates:
+        raise _Invalid(path, "expected at least one certificate, got an empty array")
+    return certificates
+
+
+def _tls(value: Any, path: str) -> TlsSettings:
+    return _TLS.load(value, path)
+
+
+def _check_upstream_tls(upstream: UpstreamSettings, path: str) -> None:
+    if not upstream.tls:
+        for key in ("tls_ca", "tls_server_name"):
+            if getattr(upstream, key) is not None:
+                raise _Invalid(_join(path, key), "only used with tls = true")
+
+
+def _file_path(base_dir: str, path: str) -> str:
+    # Relative to the configuration file's folder, like nginx's paths relative to its prefix.
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+def _server_tls_files(server: ServerSettings, base_dir: str) -> ServerSettings:
+    """``server.tls`` with absolute file paths, once every certificate and key loads."""
+    tls = server.tls
+    if tls is None:
+        return server
+    for address in tls.listen:
+        if address.port != 0 and address in server.listen:
+            raise _Invalid("server.tls.listen", f"{address} is already server.listen")
+        if address.port == 0 and server.workers > 1:
+            raise _Invalid("server.tls.listen", "port 0 needs workers = 1 (each would get its own)")
+    certificates = []
+    for i, entry in enumerate(tls.certificates):
+        entry = replace(
+            entry, cert=_file_path(base_dir, entry.cert), key=_file_path(base_dir, entry.key)
+        )
+        try:
+            load_certificate(entry.cert, entry.key, entry.names)
+        except CertificateError as exc:
+            raise _Invalid(f"server.tls.certificates[{i}].{exc.key}", exc.message) from None
+        certificates.append(entry)
+    return replace(server, tls=replace(tls, certificates=tuple(certificates)))
+
+
+def _upstream_tls_files(upstream: UpstreamSettings, base_dir: str) -> UpstreamSettings:
+    """``upstream`` with an absolute ``tls_ca``, once it loads."""
+    if not upstream.tls:
+        return upstream
+    ca = _file_path(base_dir, upstream.tls_ca) if upstream.tls_ca is not None else None
+    try:
+        client_context(verify=upstream.tls_verify, ca=ca)
+    except CertificateError as exc:
+        raise _Invalid(_join(f"upstreams.{upstream.name}", exc.key), exc.message) from None
+    return replace(upstream, tls_ca=ca)
+
+
 _SERVER: Final = _Section(
     ServerSettings,
     {
@@ -842,6 +1061,8 @@ _SERVER: Final = _Section(
         "max_header_count": _positive,
         "max_body_size": _size(0),
         "max_connections": _non_negative,
+        "tunnel_idle_timeout": _duration(positive=False),
+        "tls": _tls,
     },
     required={"listen": f'{_ADDRESS_WHAT} (e.g. "127.0.0.1:8080") or an array of them'},
 )
@@ -875,13 +1096,49 @@ _UPSTREAM: Final = _Section(
         "fail_timeout": _duration(positive=True),
         "queue": _non_negative,
         "queue_timeout": _duration(positive=True),
+        "tls": _bool,
+        "tls_verify": _bool,
+        "tls_ca": _non_empty,
+        "tls_server_name": _hostname,
     },
     required={"servers": 'an array of addresses, e.g. ["127.0.0.1:9001"]'},
+    check=_check_upstream_tls,
 )
+_CERTIFICATE: Final = _Section(
+    CertificateSettings,
+    {"cert": _non_empty, "key": _non_empty, "names": _names},
+    required={"cert": "the path of a PEM certificate chain", "key": "the path of its PEM key"},
+)
+_TLS: Final = _Section(
+    TlsSettings,
+    {"listen": _listen, "certificates": _certificates, "redirect_http": _bool},
+    required={
+        "listen": f'{_ADDRESS_WHAT} (e.g. "0.0.0.0:443") or an array of them',
+        "certificates": 'an array like [{cert = "site.pem", key = "site.key"}]',
+    },
+)
+_EDIT_KEYS: Final[Mapping[str, Converter]] = {
+    "set": _header_fields,
+    "add": _header_fields,
+    "remove": _header_names,
+}
+_REQUEST_EDITS: Final = _Section(HeaderEditSettings, _EDIT_KEYS, check=_check_edits(request=True))
+_RESPONSE_EDITS: Final = _Section(HeaderEditSettings, _EDIT_KEYS, check=_check_edits(request=False))
 _ROUTE: Final = _Section(
     RouteSettings,
-    {"host": _route_host, "path_prefix": _url_path, "upstream": _non_empty, "cache": _bool},
+    {
+        "host": _route_host,
+        "path_prefix": _url_path,
+        "headers": _route_headers,
+        "upstream": _non_empty,
+        "strip_prefix": _bool,
+        "request_headers": _request_edits,
+        "response_headers": _response_edits,
+        "cache": _bool,
+        "max_body_size": _size(1),
+    },
     required={"upstream": "the name of an upstream"},
+    check=_check_route,
 )
 _ACCESS_LOG: Final = _Section(
     AccessLogSettings,
@@ -897,6 +1154,7 @@ _CACHE: Final = _Section(
         "max_object_size": _size(1),
         "default_ttl": _duration(positive=False),
         "redis_url": _redis_url,
+        "redis_prefix": _redis_prefix,
     },
     check=_check_cache,
 )
@@ -924,7 +1182,9 @@ def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
     }
 
 
-def _routes(value: Any, upstreams: Mapping[str, UpstreamSettings]) -> tuple[RouteSettings, ...]:
+def _routes(
+    value: Any, upstreams: Mapping[str, UpstreamSettings], server: ServerSettings
+) -> tuple[RouteSettings, ...]:
     if not isinstance(value, list | tuple):
         raise _Invalid("routes", str(_expected("an array of tables ([[routes]])", value)))
     routes = tuple(_ROUTE.load(raw, f"routes[{i}]") for i, raw in enumerate(value))
@@ -936,6 +1196,22 @@ def _routes(value: Any, upstreams: Mapping[str, UpstreamSettings]) -> tuple[Rout
                 f"unknown upstream {json.dumps(route.upstream)}; "
                 + (hint or f"defined upstreams: {_quote_all(list(upstreams))}"),
             )
+        limit = server.max_body_size
+        if limit and route.max_body_size is not None and route.max_body_size > limit:
+            # The server's limit is enforced while the head is read, before routing.
+            raise _Invalid(
+                f"routes[{i}].max_body_size",
+                f"expected at most server.max_body_size ({limit} bytes), got "
+                f"{route.max_body_size}; the server's limit applies before routing: raise it "
+                "and give the other routes lower limits",
+            )
+        for name in route.headers or {}:
+            if name.lower() in _FORGEABLE and not server.trusted_proxies:
+                raise _Invalid(
+                    _join(f"routes[{i}].headers", name),
+                    "any client can send this field (PIBL drops it after routing unless the "
+                    "peer is in server.trusted_proxies, and none are set)",
+                )
     if not routes and len(upstreams) > 1 and "default" not in upstreams:
         raise _Invalid(
             "routes",
@@ -945,20 +1221,23 @@ def _routes(value: Any, upstreams: Mapping[str, UpstreamSettings]) -> tuple[Rout
     return routes
 
 
-def _parse(data: Any, source: str) -> Settings:
+def _parse(data: Any, source: str, base_dir: str) -> Settings:
     top = _table(data, "")
     for key in top:
         if key not in _TOP_LEVEL:
             hint = _suggest(key, _TOP_LEVEL) or f"known sections: {', '.join(_TOP_LEVEL)}"
             raise _Invalid(_join("", key), f"unknown key; {hint}")
-    server = _SERVER.load(top.get("server", {}), "server")
+    server = _server_tls_files(_SERVER.load(top.get("server", {}), "server"), base_dir)
     if "upstreams" not in top:
         raise _Invalid("upstreams", "missing; expected at least one [upstreams.NAME] table")
-    upstreams = _upstreams(top["upstreams"])
+    upstreams = {
+        name: _upstream_tls_files(upstream, base_dir)
+        for name, upstream in _upstreams(top["upstreams"]).items()
+    }
     return Settings(
         server=server,
         upstreams=upstreams,
-        routes=_routes(top.get("routes", []), upstreams),
+        routes=_routes(top.get("routes", []), upstreams, server),
         access_log=_ACCESS_LOG.load(top.get("access_log", {}), "access_log"),
         cache=_CACHE.load(top.get("cache", {}), "cache"),
         log=_LOG.load(top.get("log", {}), "log"),
@@ -970,10 +1249,16 @@ def _parse(data: Any, source: str) -> Settings:
 # --------------------------------------------------------------------------- entry points
 
 
-def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Settings:
-    """Validate already-decoded TOML data; errors are ConfigErrors prefixed with ``source``."""
+def parse_config(
+    data: Mapping[str, Any], source: str = "<config>", *, base_dir: str | None = None
+) -> Settings:
+    """Validate already-decoded TOML data; errors are ConfigErrors prefixed with ``source``.
+
+    Relative file paths (TLS certificates, keys, CAs) are resolved against ``base_dir``, the
+    current directory when None.
+    """
     try:
-        return _parse(data, source)
+        return _parse(data, source, base_dir or os.getcwd())
     except _Invalid as exc:
         raise ConfigError(
             f"{source}: {exc.path}: {exc.message}" if exc.path else f"{source}: {exc.message}"
@@ -994,7 +1279,7 @@ def load_config(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{source}: not valid UTF-8 (at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    return parse_config(data, source)
+    return parse_config(data, source, base_dir=os.path.dirname(os.path.abspath(source)))
 
 
 def quick_settings(listen: str, backends: Sequence[str], balance: str = "round_robin") -> Settings:

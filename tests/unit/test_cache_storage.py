@@ -4,6 +4,8 @@ One suite for every implementation in ``STORAGES`` (DESIGN.md §3: contract test
 over every implementation of a protocol). The disk storage additionally promises that entries
 survive a restart, that a corrupt, foreign or misplaced file is never served (and is removed),
 that a full disk only costs caching, and that file names never contain any part of the URL.
+The Redis storage runs the suite against a real ``redis-server`` (one per session, a key prefix
+per test); its own tests cover chunking, TTLs, tampered entries, sharing and outages.
 """
 
 from __future__ import annotations
@@ -15,21 +17,36 @@ import logging
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pibl.cache.disk as disk_module
+import pibl.cache.redis as redis_module
 from pibl.cache.disk import MAGIC, DiskStorage, variant_name
 from pibl.cache.key import CacheKey
 from pibl.cache.policy import SecondaryKey, StoredResponse
+from pibl.cache.redis import (
+    CHUNK_BYTES,
+    MAX_TTL,
+    MIN_TTL,
+    REPLACED_GRACE,
+    REVALIDATION_GRACE,
+    RedisEntry,
+    RedisStorage,
+    entry_ttl,
+)
 from pibl.cache.storage import STORAGES, CacheEntry, CacheStorage, CorruptEntry
 from pibl.config import CacheSettings
+from tests.redis_support import RedisServer, free_port
+from tests.support import wait_until
 
 MIB = 1 << 20
 KEY = CacheKey("http", "example.com", "/a")
@@ -39,6 +56,10 @@ BR: SecondaryKey = (("accept-encoding", "br"),)
 HEX_NAME = re.compile(r"[0-9a-f]+")
 
 MakeStorage = Callable[..., Awaitable[CacheStorage]]
+# The suite runs on shared, loaded machines: Redis commands get more than the production
+# REDIS_TIMEOUT (0.25 s) so that only the outage tests, which make Redis slow or kill it on
+# purpose, see outages.
+PATIENT_TIMEOUT = 5.0
 
 
 def make_meta(
@@ -101,10 +122,24 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def redis_url_for(kind: str, request: pytest.FixtureRequest) -> str:
+    """The session's redis-server URL when ``kind`` is "redis" (started on first use)."""
+    if kind != "redis":
+        return ""
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
 @pytest.fixture
-async def make_storage(kind: str, tmp_path: Path) -> AsyncIterator[MakeStorage]:
-    """Builds started storages through the registry; each in its own folder unless named."""
+async def make_storage(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MakeStorage]:
+    """Builds started storages through the registry; each in its own folder (for Redis: its own
+    key prefix) unless named."""
     started: list[CacheStorage] = []
+    redis_url = redis_url_for(kind, request)
+    monkeypatch.setattr(redis_module, "REDIS_TIMEOUT", PATIENT_TIMEOUT)
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
 
     async def make(
         *, max_size: int = 64 * MIB, max_object_size: int = MIB, folder: str = "cache"
@@ -115,6 +150,8 @@ async def make_storage(kind: str, tmp_path: Path) -> AsyncIterator[MakeStorage]:
             path=str(tmp_path / folder),
             max_size=max_size,
             max_object_size=max_object_size,
+            redis_url=redis_url,
+            redis_prefix=f"{namespace}-{folder}",
         )
         storage = STORAGES[kind](config)
         await storage.start()
@@ -300,8 +337,16 @@ async def test_purge_by_prefix_then_everything(storage: CacheStorage) -> None:
     assert storage.stats()["bytes"] == 0
 
 
+# Storages that enforce max_size themselves; Redis bounds its memory with maxmemory and
+# volatile-lru instead, so these two contract tests are not part of its contract.
+bounded_by_max_size = pytest.mark.parametrize(
+    "kind", sorted(name for name in STORAGES if name != "redis")
+)
+
+
+@bounded_by_max_size
 async def test_eviction_bounds_bytes_and_drops_least_recently_used(
-    make_storage: MakeStorage,
+    make_storage: MakeStorage, kind: str
 ) -> None:
     body = b"e" * 10_000
     keys = [CacheKey("http", "example.com", f"/e{i}") for i in range(6)]
@@ -332,8 +377,9 @@ async def test_eviction_bounds_bytes_and_drops_least_recently_used(
     assert await storage.lookup(keys[5])
 
 
+@bounded_by_max_size
 async def test_update_that_grows_an_entry_still_respects_max_size(
-    make_storage: MakeStorage,
+    make_storage: MakeStorage, kind: str
 ) -> None:
     body = b"u" * 10_000
     keys = [CacheKey("http", "example.com", f"/u{i}") for i in range(3)]
@@ -384,8 +430,14 @@ _MODEL_KEYS = [CacheKey("http", "example.com", f"/m{i}") for i in range(3)]
 _MODEL_VARY: list[SecondaryKey] = [(), GZIP]
 
 
-async def _check_model(kind: str, folder: str, ops: list[tuple[Any, ...]]) -> None:
-    config = CacheSettings(enabled=True, storage=kind, path=folder)
+async def _check_model(kind: str, folder: str, ops: list[tuple[Any, ...]], redis_url: str) -> None:
+    config = CacheSettings(
+        enabled=True,
+        storage=kind,
+        path=folder,
+        redis_url=redis_url,
+        redis_prefix=f"model-{uuid.uuid4().hex[:12]}",
+    )
     storage = STORAGES[kind](config)
     await storage.start()
     model: dict[tuple[CacheKey, SecondaryKey], tuple[StoredResponse, bytes]] = {}
@@ -428,14 +480,23 @@ async def _check_model(kind: str, folder: str, ops: list[tuple[Any, ...]]) -> No
 
 
 @pytest.mark.parametrize("kind", sorted(STORAGES))
-@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=75,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(ops=_OPS)
-def test_lookups_always_match_a_model(kind: str, ops: list[tuple[Any, ...]]) -> None:
+def test_lookups_always_match_a_model(
+    kind: str, ops: list[tuple[Any, ...]], request: pytest.FixtureRequest
+) -> None:
+    redis_url = redis_url_for(kind, request)  # each example gets its own key prefix
     with (
         tempfile.TemporaryDirectory() as folder,
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+        pytest.MonkeyPatch.context() as patch,
     ):
-        runner.run(_check_model(kind, folder, ops))
+        patch.setattr(redis_module, "REDIS_TIMEOUT", PATIENT_TIMEOUT)
+        runner.run(_check_model(kind, folder, ops, redis_url))
 
 
 # --------------------------------------------------------------------------- disk only
@@ -721,3 +782,349 @@ async def test_disk_file_names_are_digests_inside_the_folder(tmp_path: Path) -> 
         assert files_under(root) == []
     finally:
         await storage.aclose()
+
+
+# --------------------------------------------------------------------------- redis only
+
+MakeRedis = Callable[..., Awaitable[RedisStorage]]
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain client to look at (and tamper with) what the storage wrote."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_redis(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MakeRedis]:
+    """Started RedisStorages on the session's server, sharing one fresh prefix unless told."""
+    monkeypatch.setattr(redis_module, "REDIS_TIMEOUT", PATIENT_TIMEOUT)
+    started: list[RedisStorage] = []
+    shared = f"redis-{uuid.uuid4().hex[:12]}"
+
+    async def make(*, prefix: str = shared, max_object_size: int = 4 * MIB) -> RedisStorage:
+        storage = RedisStorage(redis_server.url, max_object_size, prefix=prefix)
+        await storage.start()
+        started.append(storage)
+        return storage
+
+    yield make
+    for storage in started:
+        await storage.aclose()
+
+
+async def keys_under(client: aioredis.Redis, prefix: str) -> set[bytes]:
+    return {key async for key in client.scan_iter(match=f"{prefix}:*")}
+
+
+def ttl_meta(*headers: tuple[bytes, bytes]) -> StoredResponse:
+    return StoredResponse(
+        key=KEY,
+        status=200,
+        reason=b"OK",
+        headers=list(headers),
+        request_time=1000.0,
+        response_time=1000.0,
+    )
+
+
+CC = b"Cache-Control"
+ETAG = (b"ETag", b'"v1"')
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(CC, b"max-age=600")], 600),
+        ([(CC, b"max-age=600"), (b"Age", b"100")], 500),  # the age it arrived with counts
+        ([(CC, b"s-maxage=60, max-age=600")], 60),  # a shared cache's lifetime
+        ([(CC, b"max-age=600, stale-while-revalidate=30")], 630),
+        ([(CC, b"max-age=600, stale-while-revalidate=30, stale-if-error=300")], 900),
+        ([(CC, b"max-age=600, must-revalidate, stale-if-error=300")], 600),
+        ([(CC, b"max-age=600, proxy-revalidate, stale-while-revalidate=30")], 600),
+        ([(CC, b"max-age=600"), ETAG], 600 + REVALIDATION_GRACE),
+        ([(CC, b"max-age=600"), (b"Last-Modified", b"Mon, 01 Jan 1990 00:00:00 GMT")], 1200),
+        ([(CC, b"max-age=600, stale-if-error=86400"), ETAG], 600 + 86400),
+        ([(CC, b"no-cache"), ETAG], REVALIDATION_GRACE),  # validated on every use
+        ([(CC, b"max-age=600, must-revalidate"), ETAG], 600 + REVALIDATION_GRACE),
+        ([(CC, b"max-age=0")], MIN_TTL),
+        ([(CC, b"max-age=600"), (b"Age", b"9000")], MIN_TTL),
+        ([(CC, b"max-age=99999999999999")], MAX_TTL),
+    ],
+)
+def test_redis_ttl_covers_freshness_and_the_windows_an_entry_may_still_be_used_in(
+    headers: list[tuple[bytes, bytes]], expected: float
+) -> None:
+    assert entry_ttl(ttl_meta(*headers)) == pytest.approx(expected)
+
+
+async def test_redis_large_body_is_chunked_under_digest_keys_with_ttls(
+    make_redis: MakeRedis, redis_client: aioredis.Redis
+) -> None:
+    storage = await make_redis()
+    body = os.urandom(4 * CHUNK_BYTES + 123)
+    await store(storage, make_meta(), body)
+    entry = await only_entry(storage, KEY)
+    assert entry.body_size == len(body)
+    assert entry.read_body() == body
+
+    digest = KEY.digest()
+    keys = await keys_under(redis_client, storage.prefix)
+    chunks = sorted(k for k in keys if k.startswith(f"{storage.prefix}:c:{digest}:".encode()))
+    assert keys == {
+        storage.hash_key(digest).encode(),
+        storage.index_key.encode(),
+        storage.bytes_key.encode(),
+        *chunks,
+    }
+    sizes = sorted([await redis_client.strlen(name) for name in chunks])
+    assert sizes == [123] + [CHUNK_BYTES] * 4  # no value bigger than a chunk
+    assert all(b"example.com" not in k and b"/a" not in k for k in keys)
+    # Redis expires the entry by itself: the record after its TTL, the chunks a little later.
+    ttl = await redis_client.pttl(storage.hash_key(digest))
+    assert 590_000 < ttl <= 600_000
+    for name in chunks:
+        assert 650_000 < await redis_client.pttl(name) <= 660_000
+    assert await redis_client.pttl(storage.index_key) == -1  # bookkeeping never expires
+    assert storage.stats()["entries"] == 1
+    assert storage.stats()["bytes"] >= len(body)
+
+
+async def test_redis_writes_touch_redis_only_at_commit(
+    make_redis: MakeRedis, redis_client: aioredis.Redis
+) -> None:
+    storage = await make_redis(max_object_size=1000)
+    aborted = storage.open_writer(make_meta())
+    assert aborted.write(b"x" * 500)
+    aborted.abort()
+    await aborted.commit()
+    too_big = storage.open_writer(make_meta())
+    assert too_big.write(b"x" * 600)
+    assert too_big.write(b"x" * 600) is False
+    await too_big.commit()
+    forgotten = storage.open_writer(make_meta())
+    assert forgotten.write(b"x" * 500)
+    del forgotten
+    assert await keys_under(redis_client, storage.prefix) == set()
+
+
+DAMAGE = ["missing-chunk", "short-chunk", "long-chunk", "wrong-count", "garbage-record"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+async def test_redis_never_serves_a_damaged_entry_and_removes_it(
+    make_redis: MakeRedis, redis_client: aioredis.Redis, damage: str
+) -> None:
+    storage = await make_redis()
+    body = b"b" * (CHUNK_BYTES + 10)
+    await store(storage, make_meta(), body)
+    await store(storage, make_meta(OTHER), b"the other body")
+    digest = KEY.digest()
+    hash_key = storage.hash_key(digest)
+    ((variant, record),) = (await redis_client.hgetall(hash_key)).items()
+    wid = record.split(b" ")[1].decode()
+    if damage == "missing-chunk":
+        await redis_client.delete(storage.chunk_key(digest, wid, 1))
+    elif damage == "short-chunk":
+        await redis_client.set(storage.chunk_key(digest, wid, 0), b"b" * 100)
+    elif damage == "long-chunk":
+        await redis_client.append(storage.chunk_key(digest, wid, 1), b"!")
+    elif damage == "wrong-count":
+        await redis_client.hset(hash_key, variant, record.replace(b" 2 ", b" 3 ", 1))
+    else:
+        await redis_client.hset(hash_key, variant, b"PIBLR1 garbage")
+
+    assert await storage.lookup(KEY) == []
+    assert not await redis_client.exists(hash_key)  # the record is gone, not only skipped
+    assert (await only_entry(storage, OTHER)).read_body() == b"the other body"
+    if damage not in ("garbage-record", "wrong-count"):
+        # (A record rewritten that way no longer names its index member, which then waits for
+        # its expiry in the sweep: the stats are approximate, the cache is not.)
+        assert storage.stats()["entries"] == 1
+    if damage != "garbage-record":
+        chunk_prefix = f"{storage.prefix}:c:{digest}:".encode()
+        assert not [k for k in await keys_under(redis_client, storage.prefix) if chunk_prefix in k]
+    await store(storage, make_meta(), b"stored again")  # the key works again
+    assert (await only_entry(storage, KEY)).read_body() == b"stored again"
+
+
+async def test_redis_record_naming_another_url_is_a_miss(
+    make_redis: MakeRedis, redis_client: aioredis.Redis
+) -> None:
+    """A record whose full key differs from the one looked up (a digest collision, or a write
+    by something else) is never served, and the entry it names is not harmed."""
+    storage = await make_redis()
+    await store(storage, make_meta(), b"body of /a")
+    await store(storage, make_meta(OTHER), b"body of /b")
+    other_hash = await redis_client.hgetall(storage.hash_key(OTHER.digest()))
+    ((_, foreign),) = other_hash.items()
+    await redis_client.hset(storage.hash_key(KEY.digest()), "f" * 32, foreign)
+    entry = await only_entry(storage, KEY)
+    assert entry.read_body() == b"body of /a"
+    assert await redis_client.hlen(storage.hash_key(KEY.digest())) == 1
+    assert (await only_entry(storage, OTHER)).read_body() == b"body of /b"
+    assert storage.stats()["entries"] == 2
+
+
+async def test_redis_replaced_entry_keeps_its_chunks_briefly_for_readers(
+    make_redis: MakeRedis, redis_client: aioredis.Redis
+) -> None:
+    storage = await make_redis()
+    await store(storage, make_meta(tag="old"), b"old body")
+    old = await only_entry(storage, KEY)
+    assert isinstance(old, RedisEntry)
+    await store(storage, make_meta(tag="new"), b"new body")
+    ttl = await redis_client.pttl(storage.chunk_key(KEY.digest(), old.wid, 0))
+    assert 0 < ttl <= REPLACED_GRACE * 1000
+    new = await only_entry(storage, KEY)
+    assert new.meta == make_meta(tag="new")
+    assert new.read_body() == b"new body"
+    assert storage.stats()["entries"] == 1
+
+
+async def test_redis_refresh_reuses_the_chunks_and_never_revives_a_replaced_entry(
+    make_redis: MakeRedis, redis_client: aioredis.Redis
+) -> None:
+    storage = await make_redis()
+    body = b"r" * (CHUNK_BYTES + 1)
+    await store(storage, make_meta(), body)
+    entry = await only_entry(storage, KEY)
+    before = await keys_under(redis_client, storage.prefix)
+    longer = StoredResponse(
+        key=KEY,
+        status=200,
+        reason=b"OK",
+        headers=[(CC, b"max-age=3600"), (b"X-Tag", b"fresh")],
+        request_time=2000.0,
+        response_time=2000.0,
+    )
+    await storage.update(entry, longer)
+    assert await keys_under(redis_client, storage.prefix) == before  # no body sent again
+    refreshed = await only_entry(storage, KEY)
+    assert refreshed.meta == longer
+    assert refreshed.read_body() == body
+    assert isinstance(refreshed, RedisEntry)
+    chunk = storage.chunk_key(KEY.digest(), refreshed.wid, 0)
+    assert 3_650_000 < await redis_client.pttl(chunk) <= 3_660_000
+
+    await store(storage, make_meta(tag="newer"), b"newer body")
+    await storage.update(refreshed, longer)  # a 304 for a response that was replaced meanwhile
+    assert (await only_entry(storage, KEY)).meta == make_meta(tag="newer")
+    await storage.delete(KEY)
+    await storage.update(refreshed, longer)  # ... or deleted meanwhile
+    assert await storage.lookup(KEY) == []
+    assert storage.stats()["entries"] == 0
+
+
+async def test_redis_sweep_forgets_expired_entries(
+    make_redis: MakeRedis, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_module, "MIN_TTL", 0.001)
+    storage = await make_redis()
+    stale = StoredResponse(
+        key=KEY, status=200, reason=b"OK", headers=[(CC, b"max-age=0")], request_time=1.0,
+        response_time=1.0,
+    )  # fmt: skip
+    await store(storage, stale, b"s" * (CHUNK_BYTES + 1))
+    await store(storage, make_meta(OTHER), b"kept")
+
+    async def swept() -> bool:
+        await storage._sweep()
+        return storage.stats()["entries"] == 1
+
+    async with asyncio.timeout(5):
+        while not await swept():  # noqa: ASYNC110 - the 1 ms TTL passes on Redis' clock
+            await asyncio.sleep(0.01)
+    assert await storage.lookup(KEY) == []
+    assert (await only_entry(storage, OTHER)).read_body() == b"kept"
+    left = await keys_under(redis_client, storage.prefix)
+    assert not [k for k in left if KEY.digest().encode() in k]  # chunks too, hash gone or not
+
+
+async def test_redis_instances_share_entries_invalidations_and_stats(
+    make_redis: MakeRedis,
+) -> None:
+    one = await make_redis()
+    two = await make_redis()
+    elsewhere = await make_redis(prefix=f"elsewhere-{uuid.uuid4().hex[:8]}")
+    await store(one, make_meta(vary=GZIP), b"gzip body")
+    await store(one, make_meta(vary=BR), b"br body")
+    found = await variants(two, KEY)
+    assert {vary: e.read_body() for vary, e in found.items()} == {
+        GZIP: b"gzip body",
+        BR: b"br body",
+    }
+    assert await elsewhere.lookup(KEY) == []  # another prefix is another cache
+    await store(elsewhere, make_meta(), b"elsewhere")
+    assert await two.delete(KEY) == 2
+    assert await one.lookup(KEY) == []
+    await store(two, make_meta(OTHER), b"other")
+    assert one.stats()["entries"] == 2  # as of its own last write ...
+    await one._sweep()
+    assert one.stats()["entries"] == 1  # ... until its next sweep
+    assert await one.purge("http://example.com/") == 1
+    assert await two.lookup(OTHER) == []
+    assert (await only_entry(elsewhere, KEY)).read_body() == b"elsewhere"
+    assert await elsewhere.purge() == 1
+
+
+def _cache_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pibl.cache" and r.levelno >= logging.ERROR
+    ]
+
+
+async def test_redis_down_at_start_only_costs_caching(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pibl.cache")
+    storage = RedisStorage(f"redis://127.0.0.1:{free_port()}/0", MIB, prefix="down")
+    await storage.start()  # refused: PIBL starts anyway
+    try:
+        assert not storage.available
+        assert await storage.lookup(KEY) == []
+        writer = storage.open_writer(make_meta())
+        assert writer.write(b"body") is False  # dropped at once, nothing buffered
+        await writer.commit()
+        assert await storage.delete(KEY) == 0
+        assert await storage.purge() == 0
+        assert storage.stats() == {"entries": 0, "bytes": 0, "evictions": 0}
+    finally:
+        await storage.aclose()
+    assert len(_cache_errors(caplog)) == 1, caplog.text
+    assert "unavailable" in _cache_errors(caplog)[0]
+
+
+async def test_redis_too_slow_is_an_outage_logged_once_and_invalidations_are_replayed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="pibl.cache")
+    with RedisServer() as server:
+        control = aioredis.Redis.from_url(server.url)
+        storage = RedisStorage(server.url, MIB, prefix="slow", timeout=0.5)
+        await storage.start()
+        try:
+            await store(storage, make_meta(), b"to be invalidated")
+            await store(storage, make_meta(OTHER), b"kept")
+            await control.client_pause(3000, all=True)  # every command waits 3 s: "slow"
+            assert await storage.delete(KEY) == 0  # times out: Redis is marked down
+            assert not storage.available
+            assert await storage.lookup(OTHER) == []  # misses at once while down
+            assert storage.open_writer(make_meta()).write(b"x") is False
+            assert await storage.purge("http://nothing.example/") == 0
+            assert len(_cache_errors(caplog)) == 1
+            await wait_until(lambda: storage.available, timeout=15)
+            # The delete queued during the outage was applied before lookups resumed.
+            assert await storage.lookup(KEY) == []
+            assert (await only_entry(storage, OTHER)).read_body() == b"kept"
+            assert storage.outages == 1
+        finally:
+            await storage.aclose()
+            await control.aclose()
+    assert len(_cache_errors(caplog)) == 1, caplog.text
+    back = [r for r in caplog.records if "caching again" in r.getMessage()]
+    assert len(back) == 1

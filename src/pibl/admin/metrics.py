@@ -35,6 +35,8 @@ METRIC_NAMES = (
     "pibl_uptime_seconds",
     "pibl_workers",
     "pibl_downstream_connections",
+    "pibl_tunnels_open",
+    "pibl_tunnels",
     "pibl_requests",
     "pibl_request_duration_seconds",
     "pibl_sent_bytes",
@@ -102,6 +104,16 @@ class PiblCollector(Collector):
             "pibl_downstream_connections",
             "Open client connections",
             value=len(self.app.connections),
+        )
+        yield GaugeMetricFamily(
+            "pibl_tunnels_open",
+            "Open tunnels after 101 Switching Protocols (WebSocket and other upgrades)",
+            value=self.app.tunnels_open,
+        )
+        yield CounterMetricFamily(
+            "pibl_tunnels",
+            "Tunnels opened after 101 Switching Protocols",
+            value=self.app.tunnels_total,
         )
 
     def _requests(self) -> Iterator[Metric]:

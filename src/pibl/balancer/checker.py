@@ -84,8 +84,14 @@ class HealthChecker:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(settings.timeout):
+                pool = self.group.pools.get(upstream.key)
+                tls = pool.tls if pool is not None else None  # a TLS pool is checked over TLS
                 reader, writer = await asyncio.open_connection(
-                    upstream.address.host, upstream.address.port, limit=MAX_STATUS_LINE
+                    upstream.address.host,
+                    upstream.address.port,
+                    limit=MAX_STATUS_LINE,
+                    ssl=tls.context if tls is not None else None,
+                    server_hostname=(tls.server_name or upstream.address.host) if tls else None,
                 )
                 writer.write(check_request(upstream, settings.path))
                 line = await reader.readuntil(b"\n")

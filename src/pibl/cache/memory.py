@@ -79,6 +79,11 @@ class MemoryStorage:
         self.size = self.count = 0
 
     async def lookup(self, key: CacheKey) -> list[CacheEntry]:
+        return self.lookup_now(key)
+
+    def lookup_now(self, key: CacheKey) -> list[CacheEntry]:
+        """:meth:`lookup` without a coroutine (nothing here waits): the cache's hit path
+        calls it directly (see ``HttpCache.lookup``)."""
         variants = self._entries.get(key)
         if not variants:
             return []

@@ -49,6 +49,7 @@ Choices where the RFCs leave room (each is repeated where it is implemented):
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import enum
 import json
 import math
@@ -61,6 +62,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 from pibl.cache.key import CacheKey, key_from_url, make_key
+from pibl.http.framing import response_head_bytes
 from pibl.http.head import Headers, RequestHead, ResponseHead, get_all, get_header, header_tokens
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "Action",
     "CacheControl",
     "Decision",
+    "ResponseFacts",
     "SecondaryKey",
     "StoredResponse",
     "age_header",
@@ -696,15 +699,28 @@ def current_age(
     headers: Headers, *, request_time: float, response_time: float, now: float
 ) -> float:
     """§4.2.3: corrected initial age plus the time the response has been resident."""
-    apparent_age = max(0.0, response_time - _date_value(headers, response_time))
-    response_delay = max(0.0, response_time - request_time)
+    initial_age = _corrected_initial_age(
+        headers, request_time=request_time, response_time=response_time
+    )
+    return _aged(initial_age, response_time, now)
+
+
+def _corrected_initial_age(headers: Headers, *, request_time: float, response_time: float) -> float:
+    """§4.2.3 ``corrected_initial_age``: the response's age when it arrived. An invalid Age
+    makes it unknown, taken as very old (``DELTA_SECONDS_MAX``, which :func:`_aged` keeps)."""
     age_value = _age_value(headers)
     if age_value is None:
-        return float(DELTA_SECONDS_MAX)  # an invalid Age: unknown, taken as very old
+        return float(DELTA_SECONDS_MAX)
+    apparent_age = max(0.0, response_time - _date_value(headers, response_time))
+    response_delay = max(0.0, response_time - request_time)
     corrected_age_value = age_value + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return max(apparent_age, corrected_age_value)
+
+
+def _aged(initial_age: float, response_time: float, now: float) -> float:
+    """§4.2.3 ``current_age``: ``initial_age`` plus the time resident since ``response_time``."""
     resident_time = max(0.0, now - response_time)
-    return min(corrected_initial_age + resident_time, float(DELTA_SECONDS_MAX))
+    return min(initial_age + resident_time, float(DELTA_SECONDS_MAX))
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,6 +757,59 @@ def vary_matches(stored: SecondaryKey, request: RequestHead) -> bool:
 # --------------------------------------------------------------------------------------------
 # Stored entries
 
+# Fields a stored response is never served with as stored: ``Age`` is recomputed (§5.1),
+# ``Surrogate-Control`` is reduced to the members for other devices, and the message framing is
+# PIBL's own (RFC 9112 §6).
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+_REPLACED_WHEN_SERVED = frozenset({b"age", b"surrogate-control"})
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFacts:
+    """What a stored response's own fields say, worked out once per stored response.
+
+    Every fact depends only on the entry (fields, status, times, ``default_ttl``), never on a
+    request or on ``now``, so a fresh hit costs a few comparisons instead of re-parsing Date,
+    Age, Cache-Control and Surrogate-Control each time. Each fact equals what the pure
+    functions above give for the same entry (``tests/unit/test_cache_facts.py`` checks it).
+    """
+
+    cache_control: CacheControl  # response_cache_control(headers), shared; do not mutate
+    lifetime: float  # freshness_lifetime(shared=True)
+    initial_age: float  # §4.2.3 corrected_initial_age; DELTA_SECONDS_MAX for an invalid Age
+    has_validators: bool
+    served_fields: Headers  # the stored fields without Age and Surrogate-Control
+    downstream_surrogate: Headers  # the Surrogate-Control that goes downstream, if any
+    # The status line and ``served_fields`` without framing, serialised, without the final
+    # CRLF: a whole response is this, Age, ``downstream_surrogate``, framing and PIBL's fields.
+    serving_head: bytes
+
+    @classmethod
+    def of(cls, entry: StoredResponse) -> ResponseFacts:
+        headers = entry.headers
+        cc = response_cache_control(headers)
+        served = [(n, v) for n, v in headers if n.lower() not in _REPLACED_WHEN_SERVED]
+        rest = downstream_surrogate_control(headers)
+        unframed = [(n, v) for n, v in served if n.lower() not in _FRAMING_FIELDS]
+        return cls(
+            cache_control=cc,
+            lifetime=_lifetime(
+                cc,
+                headers,
+                status=entry.status,
+                response_time=entry.response_time,
+                default_ttl=entry.default_ttl,
+                shared=True,
+            ),
+            initial_age=_corrected_initial_age(
+                headers, request_time=entry.request_time, response_time=entry.response_time
+            ),
+            has_validators=_has_validators(headers),
+            served_fields=served,
+            downstream_surrogate=[] if rest is None else [(b"Surrogate-Control", rest)],
+            serving_head=response_head_bytes(entry.status, unframed, entry.reason)[:-2],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
@@ -748,7 +817,8 @@ class StoredResponse:
 
     ``headers`` are already stripped for storage; ``vary`` is the secondary key of the request
     that produced the response; ``default_ttl`` is the configured fallback lifetime in force
-    when it was stored, so a later lookup computes the same freshness.
+    when it was stored, so a later lookup computes the same freshness. An entry is never
+    modified (``freshened`` makes a new one), which lets :attr:`facts` be computed once.
     """
 
     key: CacheKey
@@ -759,6 +829,9 @@ class StoredResponse:
     response_time: float
     vary: SecondaryKey = ()
     default_ttl: float = 0.0
+    _facts: ResponseFacts | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_exchange(
@@ -785,30 +858,36 @@ class StoredResponse:
         )
 
     @property
+    def facts(self) -> ResponseFacts:
+        """The request-independent facts about this entry, computed on first use."""
+        facts = self._facts
+        if facts is None:
+            facts = ResponseFacts.of(self)
+            object.__setattr__(self, "_facts", facts)  # a cache of a pure function of self
+        return facts
+
+    @property
     def cache_control(self) -> CacheControl:
-        """The directives PIBL obeys for this entry (as a shared cache)."""
-        return response_cache_control(self.headers)
+        """The directives PIBL obeys for this entry (as a shared cache); do not mutate."""
+        return self.facts.cache_control
 
     @property
     def has_validators(self) -> bool:
-        return _has_validators(self.headers)
+        return self.facts.has_validators
 
     def freshness_lifetime(self, *, shared: bool = True) -> float:
+        if shared:
+            return self.facts.lifetime
         return freshness_lifetime(
             self.headers,
             status=self.status,
             response_time=self.response_time,
             default_ttl=self.default_ttl,
-            shared=shared,
+            shared=False,
         )
 
     def current_age(self, now: float) -> float:
-        return current_age(
-            self.headers,
-            request_time=self.request_time,
-            response_time=self.response_time,
-            now=now,
-        )
+        return _aged(self.facts.initial_age, self.response_time, now)
 
     def freshened(
         self, headers_304: Headers, *, request_time: float, response_time: float
@@ -824,9 +903,9 @@ class StoredResponse:
     def headers_for_serving(self, now: float) -> Headers:
         """The stored fields with ``Age`` replaced by the current age (§5.1, RFC 9110 §6.6.1:
         the stored ``Date`` is kept), and ``Surrogate-Control`` as it goes downstream."""
-        out = [(name, value) for name, value in self.headers if name.lower() != b"age"]
-        out.append((b"Age", age_header(self.current_age(now))))
-        return without_surrogate_control(out)
+        facts = self.facts
+        age = (b"Age", age_header(self.current_age(now)))
+        return [*facts.served_fields, age, *facts.downstream_surrogate]
 
     def to_bytes(self) -> bytes:
         """A self-describing encoding (JSON; bytes as latin-1 strings) for storage backends."""
@@ -1245,6 +1324,12 @@ def cache_status(
 ) -> bytes:
     """An RFC 9211 Cache-Status member, e.g. ``pibl; hit; ttl=42`` or
     ``pibl; fwd=stale; fwd-status=304``."""
+    limit = 999_999_999_999_999  # sf-integer range (RFC 8941 §3.3.1)
+    if name == "pibl" and fwd is None and fwd_status is None and not stored and not detail:
+        member = b"pibl; hit" if hit else b"pibl"  # what every fresh hit sends: the short way
+        if ttl is None:
+            return member
+        return b"%s; ttl=%d" % (member, max(-limit, min(int(ttl), limit)))
     params = [_sf_item(name)]
     if hit:
         params.append("hit")
@@ -1257,7 +1342,6 @@ def cache_status(
     if stored:
         params.append("stored")
     if ttl is not None:
-        limit = 999_999_999_999_999  # sf-integer range (RFC 8941 §3.3.1)
         params.append(f"ttl={max(-limit, min(int(ttl), limit))}")
     if detail:
         params.append(f"detail={_sf_item(detail)}")

@@ -73,7 +73,13 @@ def _disk(settings: CacheSettings) -> CacheStorage:
     return DiskStorage(settings.path, settings.max_size, settings.max_object_size)
 
 
-STORAGES: dict[str, StorageFactory] = {"memory": _memory, "disk": _disk}
+def _redis(settings: CacheSettings) -> CacheStorage:
+    from pibl.cache.redis import RedisStorage
+
+    return RedisStorage(settings.redis_url, settings.max_object_size, prefix=settings.redis_prefix)
+
+
+STORAGES: dict[str, StorageFactory] = {"memory": _memory, "disk": _disk, "redis": _redis}
 
 
 def make_storage(settings: CacheSettings) -> CacheStorage:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
 
 from pibl.balancer.upstream import Address
 from pibl.errors import UpstreamConnectError
 from pibl.pool.connection import UpstreamConnection
+from pibl.tls import UpstreamTLS
 
 
 class ConnectionPool:
@@ -24,8 +26,10 @@ class ConnectionPool:
         max_idle: int = 32,
         idle_timeout: float = 60.0,
         connect_timeout: float = 5.0,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.address = address
+        self.tls = tls
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -54,13 +58,29 @@ class ConnectionPool:
 
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
+        tls = self.tls
         try:
+            # The timeout covers the TLS handshake too.
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    UpstreamConnection, self.address.host, self.address.port
-                )
+                if tls is None:
+                    _, conn = await loop.create_connection(
+                        UpstreamConnection, self.address.host, self.address.port
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        UpstreamConnection,
+                        self.address.host,
+                        self.address.port,
+                        ssl=tls.context,
+                        server_hostname=tls.server_name or self.address.host,
+                    )
         except TimeoutError as error:
             raise UpstreamConnectError(f"connect to {self.address} timed out") from error
+        except ssl.SSLError as error:
+            detail = getattr(error, "verify_message", None) or error.reason or error
+            raise UpstreamConnectError(
+                f"TLS handshake with {self.address} failed: {detail}"
+            ) from error
         except OSError as error:
             raise UpstreamConnectError(
                 f"connect to {self.address} failed: {error.strerror or error}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pibl.cache.key import CacheKey, make_key
@@ -18,6 +19,7 @@ from pibl.cache.policy import (
     Action,
     Decision,
     StoredResponse,
+    age_header,
     cache_status,
     client_conditional_matches,
     decide,
@@ -33,7 +35,7 @@ from pibl.cache.policy import (
 )
 from pibl.cache.ranges import select_range
 from pibl.cache.storage import CacheEntry, CacheStorage, CorruptEntry
-from pibl.http.framing import response_head_bytes
+from pibl.http.framing import CRLF, response_head_bytes, serialize_headers
 from pibl.http.head import Headers, RequestHead, ResponseHead
 from pibl.http.rules import VIA_VALUE
 from pibl.proxy.exchange import ResponsePlan
@@ -48,6 +50,11 @@ log = logging.getLogger("pibl.cache")
 # (nginx proxy_cache_lock_timeout is 5 s).
 COALESCE_WAIT = 5.0
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+# The keys of recent request targets are remembered (make_key normalises the authority and
+# builds a key on every request: a good part of a hit's cost). Targets and hosts come from
+# clients, so only short ones are kept and the table is emptied when full: a few MiB at most.
+KEY_MEMO_ENTRIES = 1024
+KEY_MEMO_MAX_BYTES = 1024  # of host + target
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
@@ -178,14 +185,36 @@ class HttpCache:
         self.default_ttl = default_ttl
         self.max_object_size = max_object_size
         self._inflight: dict[CacheKey, asyncio.Future[None]] = {}
+        self._keys: dict[tuple[str, bytes, bytes], CacheKey] = {}
+        # A storage that never waits (memory) is asked directly, without a coroutine.
+        self._lookup_now: Callable[[CacheKey], list[CacheEntry]] | None = getattr(
+            storage, "lookup_now", None
+        )
         self.hits = 0
         self.misses = 0
         self.stale = 0
         self.revalidations = 0
 
+    def key_for(self, request: RequestHead) -> CacheKey:
+        """``make_key(request)``, remembered for recent targets."""
+        host, target = request.host, request.target
+        if not host or len(host) + len(target) > KEY_MEMO_MAX_BYTES:
+            return make_key(request)  # without request.host, the Host field counts as well
+        memo = (request.scheme, host, target)
+        key = self._keys.get(memo)
+        if key is None:
+            if len(self._keys) >= KEY_MEMO_ENTRIES:
+                self._keys.clear()
+            key = self._keys[memo] = make_key(request)
+        return key
+
     async def lookup(self, request: RequestHead) -> Lookup:
-        lookup = Lookup(make_key(request), time.time())
-        entries = await self.storage.lookup(lookup.key)
+        lookup = Lookup(self.key_for(request), time.time())
+        lookup_now = self._lookup_now
+        if lookup_now is not None:
+            entries = lookup_now(lookup.key)
+        else:
+            entries = await self.storage.lookup(lookup.key)
         if entries:
             lookup.fwd = "vary-miss"
             entry = select_variant(entries, request)
@@ -233,39 +262,22 @@ class HttpCache:
         """
         now = time.time()
         keep_open = request.keep_alive and cycle.body_done and down.app.keepalive_enabled
-        if client_conditional_matches(
-            request, meta.headers, status=meta.status, response_time=meta.response_time
-        ):
-            status, reason = 304, b"Not Modified"
-            headers: Headers = not_modified_headers(meta.headers)
-            body = b""
-        else:
-            status, reason = meta.status, meta.reason
-            # Re-framed like every message PIBL sends: the stored length is replaced.
-            headers = [
-                (n, v) for n, v in meta.headers_for_serving(now) if n.lower() not in _FRAMING
-            ]
-            part = select_range(request, meta.headers, status=meta.status, length=entry.body_size)
+        own: Headers = [(b"Via", VIA_VALUE), (b"Cache-Status", status_value)]
+        if not keep_open:
+            own.append((b"Connection", b"close"))
+        elif request.version == "1.0":
+            own.append((b"Connection", b"keep-alive"))
+        if _asks_conditional_or_range(request.headers):
+            status, reason, headers, body = _conditional_or_range(request, entry, meta, now)
+            down.write(response_head_bytes(status, headers + own, reason) + body)
+        else:  # the whole stored response, the common case: its head is mostly serialised
+            status = meta.status
             if request.method == "HEAD":
-                body = b""
-                headers.append((b"Content-Length", b"%d" % entry.body_size))
-            elif part is not None:  # RFC 9110 §14: a byte range of the complete stored body
-                status, reason = part.status, part.reason
-                body = part.slice(entry.read_body())
-                if not part.satisfiable:  # a 416 says nothing about the stored response
-                    headers = [(b"Date", format_http_date(now))]
-                headers.append((b"Content-Range", part.content_range))
-                headers.append((b"Content-Length", b"%d" % len(body)))
+                body, length = b"", entry.body_size
             else:
                 body = entry.read_body()
-                headers.append((b"Content-Length", b"%d" % len(body)))
-        headers.append((b"Via", VIA_VALUE))
-        headers.append((b"Cache-Status", status_value))
-        if not keep_open:
-            headers.append((b"Connection", b"close"))
-        elif request.version == "1.0":
-            headers.append((b"Connection", b"keep-alive"))
-        down.write(response_head_bytes(status, headers, reason) + body)
+                length = len(body)
+            down.write(_whole_response(meta, now, length, own, body))
         cycle.response_started = True
         record.status = status
         record.bytes_sent = len(body)
@@ -313,6 +325,58 @@ class HttpCache:
     async def invalidate(self, keys: list[CacheKey]) -> None:
         for key in keys:
             await self.storage.delete(key)
+
+
+# A request with one of these may be answered with 304 (§4.3.2) or a part (RFC 9110 §14.2);
+# without them, client_conditional_matches() is False and select_range() None.
+_CONDITIONAL_OR_RANGE = frozenset({b"if-none-match", b"if-modified-since", b"range"})
+
+
+def _asks_conditional_or_range(headers: Headers) -> bool:
+    return any(name.lower() in _CONDITIONAL_OR_RANGE for name, _ in headers)
+
+
+def _whole_response(
+    meta: StoredResponse, now: float, length: int, own: Headers, body: bytes
+) -> bytes:
+    """The stored response re-framed with ``length``, then PIBL's ``own`` fields: the same
+    bytes as ``response_head_bytes`` over ``headers_for_serving`` without framing, + ``body``."""
+    facts = meta.facts
+    parts = [facts.serving_head, b"Age: %s\r\n" % age_header(meta.current_age(now))]
+    serialize_headers(parts, facts.downstream_surrogate)
+    parts.append(b"Content-Length: %d\r\n" % length)
+    serialize_headers(parts, own)
+    parts += (CRLF, body)
+    return b"".join(parts)
+
+
+def _conditional_or_range(
+    request: RequestHead, entry: CacheEntry, meta: StoredResponse, now: float
+) -> tuple[int, bytes, Headers, bytes]:
+    """Status, reason, fields and body answering a conditional or Range request from storage:
+    a 304 (§4.3.2), a 206 or 416 (RFC 9110 §14), or the whole response."""
+    if client_conditional_matches(
+        request, meta.headers, status=meta.status, response_time=meta.response_time
+    ):
+        return 304, b"Not Modified", not_modified_headers(meta.headers), b""
+    status, reason = meta.status, meta.reason
+    # Re-framed like every message PIBL sends: the stored length is replaced.
+    headers = [(n, v) for n, v in meta.headers_for_serving(now) if n.lower() not in _FRAMING]
+    part = select_range(request, meta.headers, status=meta.status, length=entry.body_size)
+    if request.method == "HEAD":
+        body = b""
+        headers.append((b"Content-Length", b"%d" % entry.body_size))
+    elif part is not None:  # RFC 9110 §14: a byte range of the complete stored body
+        status, reason = part.status, part.reason
+        body = part.slice(entry.read_body())
+        if not part.satisfiable:  # a 416 says nothing about the stored response
+            headers = [(b"Date", format_http_date(now))]
+        headers.append((b"Content-Range", part.content_range))
+        headers.append((b"Content-Length", b"%d" % len(body)))
+    else:
+        body = entry.read_body()
+        headers.append((b"Content-Length", b"%d" % len(body)))
+    return status, reason, headers, body
 
 
 __all__ = [

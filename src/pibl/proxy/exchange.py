@@ -9,11 +9,13 @@ It runs inside callbacks; the pipeline awaits ``done``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pibl.errors import (
     ClientDisconnected,
+    ProtocolError,
     UpstreamClosed,
     UpstreamError,
     UpstreamProtocolError,
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from pibl.cache.storage import CacheWriter
     from pibl.pool.connection import UpstreamConnection
     from pibl.server.downstream import DownstreamConnection, RequestCycle
+
+log = logging.getLogger("pibl.proxy")
 
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # How long to wait for an upstream's 100 (Continue) before sending the body anyway: curl's
@@ -87,11 +91,13 @@ class Exchange:
         "keep_downstream",
         "last_activity",
         "loop",
+        "max_body_size",
         "read_timeout",
         "request",
         "response",
         "response_filter",
         "reused",
+        "tunnel_idle_timeout",
         "upstream",
         "writer",
     )
@@ -132,6 +138,10 @@ class Exchange:
         self._expect_timer: asyncio.TimerHandle | None = None
         self.response_filter: Callable[[ResponseHead], ResponsePlan] | None = None
         self.writer: CacheWriter | None = None
+        self.tunnel_idle_timeout = 0.0
+        # A route's limit on the request body (0: none). A Content-Length over it was refused
+        # before forwarding; a chunked body is counted as it streams.
+        self.max_body_size = 0
 
     # -- request side --------------------------------------------------------------------------
     def start(self, headers: Headers) -> None:
@@ -179,7 +189,12 @@ class Exchange:
         self.down.resume_reading()
 
     def _send_body(self, data: bytes) -> None:
-        if not data:
+        if not data or self.done.done():
+            return
+        if self.max_body_size and self.cycle.body_received > self.max_body_size:
+            # Whatever went up already, the upstream never sees this body end (the connection
+            # is discarded); the client gets 413 and its connection closes (nginx does alike).
+            self._fail(ProtocolError("request body too large", 413))
             return
         if self.request.is_chunked:
             self.conn.writelines(chunk(data))
@@ -187,6 +202,8 @@ class Exchange:
             self.conn.write(data)
 
     def _end_body(self) -> None:
+        if self.done.done():
+            return  # failed while the buffered body was replayed: never end it upstream
         error = self.cycle.error
         if error is not None:
             # The client's body broke mid-stream: the upstream must not see it as complete.
@@ -325,9 +342,16 @@ class Exchange:
         return self.response is not None
 
     # -- tunnel (after 101) --------------------------------------------------------------------
+    # Bytes flow as they come, each direction throttled like a body: a full write buffer on
+    # one side pauses reading on the other (``_on_downstream_writable``, ``on_upstream_writable``
+    # stay in charge). The tunnel ends when either side closes (the other is closed after its
+    # pending bytes are flushed) or after ``tunnel_idle_timeout`` without a byte either way.
     def _begin_tunnel(self, head: ResponseHead) -> None:
         self.response = head
         self._upgrading = True
+        app = self.down.app
+        app.tunnels_open += 1
+        app.tunnels_total += 1
         headers = downstream_response_headers(head)
         headers.append((b"Connection", b"upgrade"))
         upgrade = head.header(b"upgrade")
@@ -339,18 +363,58 @@ class Exchange:
         self._cancel_timer()
         conn, down = self.conn, self.down
         down.tunnel_sink = self._tunnel_up
-        down.tunnel_eof = conn.write_eof
+        down.tunnel_eof = self._tunnel_down_eof
         leftover, down.upgrade_leftover = down.upgrade_leftover, b""
         if leftover:
             conn.write(leftover)
         down.resume_reading()
+        self.last_activity = self.loop.time()
+        self.tunnel_idle_timeout = app.limits.tunnel_idle_timeout
+        if self.tunnel_idle_timeout > 0:
+            self._timer = self.loop.call_later(self.tunnel_idle_timeout, self._check_tunnel_idle)
 
     def _tunnel_up(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         self.conn.write(data)
 
+    def _tunnel_down_eof(self) -> None:
+        # The client half-closed: pass it on where the upstream transport can (plain TCP; the
+        # upstream's close then ends the tunnel), else close the upstream side (TLS).
+        transport = self.conn.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        else:
+            self.conn.close()
+
     def on_tunnel_data(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         self.bytes_sent += len(data)
         self.down.write(data)
+
+    def _check_tunnel_idle(self) -> None:
+        self._timer = None
+        if self.done.done():
+            return
+        timeout = self.tunnel_idle_timeout
+        remaining = self.last_activity + timeout - self.loop.time()
+        upstream = self.conn.transport
+        if remaining <= 0.001 and (
+            not self.down.is_writable
+            or (upstream is not None and upstream.get_write_buffer_size() > 0)
+        ):
+            remaining = timeout  # bytes are waiting for a slow reader: throttled, not idle
+        if remaining > 0.001:
+            self._timer = self.loop.call_later(remaining, self._check_tunnel_idle)
+            return
+        log.info(
+            "tunnel %s ↔ %s idle for %gs; closing it",
+            self.down.client_addr,
+            self.upstream.key,
+            timeout,
+        )
+        self.down.close()
+        self.conn.close()
+        self._finish(None)
 
     # -- flow control, timeouts, teardown ------------------------------------------------------
     def _on_downstream_writable(self, writable: bool) -> None:
@@ -417,6 +481,8 @@ class Exchange:
         down = self.down
         down.on_writable = None
         down.on_lost = None
+        if self._upgrading:
+            down.app.tunnels_open -= 1
         if error is None:
             self.done.set_result(None)
         else:

@@ -41,10 +41,12 @@ from pibl.http.rules import upstream_request_headers
 from pibl.proxy.caching import CACHEABLE_METHODS, HttpCache, Lookup, ResponseFilter
 from pibl.proxy.exchange import Exchange, ResponsePlan
 from pibl.proxy.retry import is_keepalive_race, should_retry
+from pibl.proxy.rewrite import strip_prefix
 
 if TYPE_CHECKING:
     from pibl.balancer.group import UpstreamGroup
-    from pibl.proxy.routing import Router
+    from pibl.proxy.rewrite import HeaderEdits
+    from pibl.proxy.routing import Route, Router
     from pibl.server.downstream import DownstreamConnection, RequestCycle
 
 log = logging.getLogger("pibl.proxy")
@@ -100,10 +102,12 @@ class Pipeline:
             if route is None:
                 raise RouteNotFound()
             record.route = route.name
+            if route.max_body_size and (head.content_length or 0) > route.max_body_size:
+                raise ProtocolError("request body too large", 413)  # before forwarding
             if self.cache is not None and route.cache:
-                keep_open = await self._through_cache(down, cycle, head, route.target, record)
+                keep_open = await self._through_cache(down, cycle, head, route, record)
             else:
-                exchange = await self._forward(down, cycle, head, route.target, record)
+                exchange = await self._forward(down, cycle, head, route, record)
                 keep_open = self._finished(exchange, head, cycle, record)
         except PiblError as error:
             keep_open = self._answer_error(down, cycle, record, error)
@@ -133,13 +137,13 @@ class Pipeline:
         down: DownstreamConnection,
         cycle: RequestCycle,
         head: RequestHead,
-        group: UpstreamGroup,
+        route: Route[UpstreamGroup],
         record: AccessRecord,
     ) -> bool:
         cache = self.cache
         assert cache is not None
         if head.method not in CACHEABLE_METHODS:
-            return await self._forward_unsafe(down, cycle, head, group, record, cache)
+            return await self._forward_unsafe(down, cycle, head, route, record, cache)
         lookup = await cache.lookup(head)
         leader = False
         while lookup.entry is None and not only_if_cached(head):
@@ -154,7 +158,7 @@ class Pipeline:
                 leader = cache.lead_fetch(lookup.key) is None
                 break
         try:
-            return await self._after_lookup(down, cycle, head, group, record, cache, lookup)
+            return await self._after_lookup(down, cycle, head, route, record, cache, lookup)
         finally:
             if leader:
                 cache.end_fetch(lookup.key)
@@ -164,7 +168,7 @@ class Pipeline:
         down: DownstreamConnection,
         cycle: RequestCycle,
         head: RequestHead,
-        group: UpstreamGroup,
+        route: Route[UpstreamGroup],
         record: AccessRecord,
         cache: HttpCache,
         lookup: Lookup,
@@ -183,7 +187,7 @@ class Pipeline:
                     lookup.fwd = "uri-miss"
             elif decision.action is Action.STALE_WHILE_REVALIDATE:
                 cache.stale += 1
-                self._revalidate_in_background(down, head, group, lookup)
+                self._revalidate_in_background(down, head, route, lookup)
                 status = cache_status(True, ttl=decision.ttl, detail="stale-while-revalidate")
                 return cache.serve(down, cycle, head, entry, entry.meta, record, status)
             elif decision.gateway_timeout:
@@ -191,14 +195,14 @@ class Pipeline:
         elif only_if_cached(head):
             raise GatewayTimeoutFromCache("only-if-cached and nothing is stored")
         cache.misses += 1
-        return await self._fetch(down, cycle, head, group, record, cache, lookup)
+        return await self._fetch(down, cycle, head, route, record, cache, lookup)
 
     async def _fetch(
         self,
         down: DownstreamConnection,
         cycle: RequestCycle,
         head: RequestHead,
-        group: UpstreamGroup,
+        route: Route[UpstreamGroup],
         record: AccessRecord,
         cache: HttpCache,
         lookup: Lookup,
@@ -223,7 +227,7 @@ class Pipeline:
         )
         try:
             exchange = await self._forward(
-                down, cycle, head, group, record, upstream_head, response_filter
+                down, cycle, head, route, record, upstream_head, response_filter
             )
         except (UpstreamError, NoUpstreamAvailable):
             if (
@@ -242,7 +246,7 @@ class Pipeline:
                 raise UpstreamProtocolError("a 304 that matches no stored response")
             log.info("304 for %s matches no stored response; fetching it again", lookup.key.url)
             plain = _without_revalidation(lookup)
-            return await self._fetch(down, cycle, head, group, record, cache, plain)
+            return await self._fetch(down, cycle, head, route, record, cache, plain)
         if response_filter.intercepted and entry is not None and response is not None:
             if response.status == 304:
                 meta = await cache.refresh(
@@ -266,7 +270,7 @@ class Pipeline:
         down: DownstreamConnection,
         cycle: RequestCycle,
         head: RequestHead,
-        group: UpstreamGroup,
+        route: Route[UpstreamGroup],
         record: AccessRecord,
         cache: HttpCache,
     ) -> bool:
@@ -275,7 +279,7 @@ class Pipeline:
         response_filter = ResponseFilter(cache, head, lookup, record, fwd="method")
         upstream_head = cache.upstream_request(head, None)
         exchange = await self._forward(
-            down, cycle, head, group, record, upstream_head, response_filter
+            down, cycle, head, route, record, upstream_head, response_filter
         )
         if exchange.response is not None and head.method not in SAFE_METHODS:
             # §4.4: a successful unsafe request invalidates what is stored for its target.
@@ -288,7 +292,7 @@ class Pipeline:
         self,
         down: DownstreamConnection,
         head: RequestHead,
-        group: UpstreamGroup,
+        route: Route[UpstreamGroup],
         lookup: Lookup,
     ) -> None:
         """RFC 5861 §3: refresh a stale entry while the stale one is being served."""
@@ -316,7 +320,7 @@ class Pipeline:
             record.client_addr = "-"
             try:
                 await self._fetch(
-                    sink, cycle, plain, group, record, cache, _as_revalidation(background_lookup)
+                    sink, cycle, plain, route, record, cache, _as_revalidation(background_lookup)
                 )
             except PiblError as error:
                 log.info("background revalidation of %s failed: %s", lookup.key.url, error)
@@ -333,12 +337,21 @@ class Pipeline:
         down: DownstreamConnection,
         cycle: RequestCycle,
         head: RequestHead,
-        group: UpstreamGroup,
+        route: Route[UpstreamGroup],
         record: AccessRecord,
         upstream_head: RequestHead | None = None,
         response_filter: ResponseFilterFn | None = None,
     ) -> Exchange:
+        group = route.target
         sent_head = upstream_head or head
+        # The route's rewrites, prepared once for every attempt (none: nothing to do).
+        wire_head = head
+        if route.strip_prefix and route.path_prefix is not None:
+            wire_head = head.with_headers(head.headers)
+            wire_head.target = strip_prefix(head.target, route.path_prefix)
+        request_edits = route.request_edits
+        if route.response_edits is not None:
+            response_filter = _with_response_edits(route.response_edits, response_filter)
         tried: list[Upstream] = []
         attempt = 0
         fresh_retry_used = False
@@ -366,11 +379,23 @@ class Pipeline:
                 if conn is None:
                     conn = await pool.connect()
                 exchange = Exchange(
-                    down, cycle, head, upstream, conn, reused=reused, read_timeout=self.read_timeout
+                    down,
+                    cycle,
+                    wire_head,
+                    upstream,
+                    conn,
+                    reused=reused,
+                    read_timeout=self.read_timeout,
                 )
                 exchange.response_filter = response_filter
-                # phase 6 + 7: rewrite, send; 8 + 9 run in the exchange's callbacks
-                exchange.start(upstream_request_headers(sent_head, trusted_peer=down.is_trusted))
+                exchange.max_body_size = route.max_body_size
+                # phase 6: rewrite — sanitise and add X-Forwarded-*/Via, then the route's edits
+                # (after the sanitiser, so it never undoes them; they win over PIBL's fields)
+                headers = upstream_request_headers(sent_head, trusted_peer=down.is_trusted)
+                if request_edits is not None:
+                    headers = request_edits.apply(headers)
+                # phase 7: send; 8 + 9 run in the exchange's callbacks
+                exchange.start(headers)
                 try:
                     await exchange.done
                 except BaseException:
@@ -492,6 +517,19 @@ def _without_revalidation(lookup: Lookup) -> Lookup:
     if decision is not None:
         plain.decision = Decision(Action.MUST_FORWARD, decision.age, decision.ttl, decision.fwd)
     return plain
+
+
+def _with_response_edits(
+    edits: HeaderEdits, inner: ResponseFilterFn | None
+) -> Callable[[ResponseHead], ResponsePlan]:
+    """The response-filter phase with a route's response edits applied first: the cache's
+    filter (``inner``) then stores and serves the edited head."""
+
+    def response_filter(response: ResponseHead) -> ResponsePlan:
+        response.headers = edits.apply(response.headers)
+        return inner(response) if inner is not None else ResponsePlan()
+
+    return response_filter
 
 
 def _note_partial(record: AccessRecord, exchange: Exchange | None) -> None:

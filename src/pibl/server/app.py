@@ -16,12 +16,22 @@ from pibl.balancer.group import UpstreamGroup
 from pibl.balancer.strategies import make_strategy
 from pibl.balancer.upstream import Address, Upstream
 from pibl.cache.storage import make_storage
-from pibl.config import Settings, UpstreamSettings
+from pibl.config import Settings, TlsSettings, UpstreamSettings
+from pibl.errors import ConfigError
 from pibl.pool.pool import ConnectionPool
 from pibl.proxy.caching import HttpCache
 from pibl.proxy.pipeline import Pipeline
 from pibl.proxy.routing import Route, Router
 from pibl.server.downstream import DownstreamConnection
+from pibl.server.redirect import HttpsRedirect
+from pibl.tls import (
+    CertificateError,
+    ServerCertificates,
+    TlsTermination,
+    UpstreamTLS,
+    load_certificate,
+    upstream_tls,
+)
 
 log = logging.getLogger("pibl.server")
 
@@ -41,14 +51,16 @@ def build_group(
         Upstream(entry.address, entry.weight, max_connections=entry.max_connections)
         for entry in settings.servers
     ]
+    tls = _upstream_tls(settings)
     pools = {}
     for u in upstreams:
         pool = (reusable_pools or {}).pop(u.key, None)
-        if pool is None or (pool.max_idle, pool.idle_timeout, pool.connect_timeout) != (
-            settings.keepalive,
-            settings.keepalive_timeout,
-            connect_timeout,
-        ):
+        if pool is None or (
+            pool.max_idle,
+            pool.idle_timeout,
+            pool.connect_timeout,
+            pool.tls,
+        ) != (settings.keepalive, settings.keepalive_timeout, connect_timeout, tls):
             if pool is not None:
                 pool.retire()
             pool = ConnectionPool(
@@ -56,7 +68,10 @@ def build_group(
                 max_idle=settings.keepalive,
                 idle_timeout=settings.keepalive_timeout,
                 connect_timeout=connect_timeout,
+                tls=tls,
             )
+        else:
+            pool.tls = tls  # same settings; new connections use the freshly read CA file
         pools[u.key] = pool
     strategy = make_strategy(settings.balance, hash_key=settings.hash_key)
     return UpstreamGroup(
@@ -72,6 +87,29 @@ def build_group(
     )
 
 
+def _upstream_tls(settings: UpstreamSettings) -> UpstreamTLS | None:
+    if not settings.tls:
+        return None
+    try:
+        return upstream_tls(
+            verify=settings.tls_verify, ca=settings.tls_ca, server_name=settings.tls_server_name
+        )
+    except CertificateError as error:
+        raise ConfigError(f"upstreams.{settings.name}.{error.key}: {error.message}") from None
+
+
+def load_server_certificates(tls: TlsSettings, source: str | None = None) -> ServerCertificates:
+    """The certificates of ``server.tls``; a file that no longer loads is a ConfigError."""
+    loaded = []
+    for i, entry in enumerate(tls.certificates):
+        try:
+            loaded.append(load_certificate(entry.cert, entry.key, entry.names))
+        except CertificateError as error:
+            key = f"server.tls.certificates[{i}].{error.key}"
+            raise ConfigError(f"{source or '<config>'}: {key}: {error.message}") from None
+    return ServerCertificates(loaded)
+
+
 def _health_checkers(settings: Settings, groups: dict[str, UpstreamGroup]) -> list[HealthChecker]:
     return [
         HealthChecker(groups[name], up.health)
@@ -84,17 +122,7 @@ def build_router(settings: Settings, groups: dict[str, UpstreamGroup]) -> Router
     if not settings.routes:
         name = next(iter(groups)) if len(groups) == 1 else "default"
         return Router([Route(groups[name], name=name)])
-    routes = [
-        Route(
-            groups[r.upstream],
-            name=r.upstream,
-            host=r.host.lower() if r.host else None,
-            path_prefix=r.path_prefix.encode() if r.path_prefix else None,
-            cache=r.cache,
-        )
-        for r in settings.routes
-    ]
-    return Router(routes)
+    return Router([Route.from_settings(r, groups[r.upstream]) for r in settings.routes])
 
 
 class Service(Protocol):
@@ -144,6 +172,15 @@ class ProxyApp:
             self.services.append(AdminService(self, settings.admin))
         self.servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
+        # TLS termination (server.tls): its listeners' bound addresses, its certificates.
+        self.tls_addresses: list[Address] = []
+        self.tls: TlsTermination | None = None
+        if server.tls is not None:
+            self.tls = TlsTermination(load_server_certificates(server.tls, settings.source))
+        self._redirect: HttpsRedirect | None = None
+        # Tunnels after 101 Switching Protocols (WebSocket and other upgrades).
+        self.tunnels_open = 0
+        self.tunnels_total = 0
 
     def _apply_server_settings(self, settings: Settings) -> None:
         server = settings.server
@@ -171,6 +208,18 @@ class ProxyApp:
         ):
             if before != after:
                 log.warning("reload: %s changed; it takes effect after a restart", what)
+        # TLS: certificates (and redirect_http) are swapped; the listeners stay as they are.
+        old_tls, tls = old.server.tls, settings.server.tls
+        certificates: ServerCertificates | None = None
+        if old_tls is None or tls is None:
+            if old_tls != tls:
+                log.warning("reload: server.tls changed; it takes effect after a restart")
+            tls = old_tls
+        else:
+            if tls.listen != old_tls.listen:
+                log.warning("reload: server.tls.listen changed; it takes effect after a restart")
+            tls = dataclasses.replace(tls, listen=old_tls.listen)
+            certificates = load_server_certificates(tls, settings.source)
         reusable = {
             key: pool for group in self.groups.values() for key, pool in group.pools.items()
         }
@@ -191,12 +240,14 @@ class ProxyApp:
         old_checkers, old_log = self.health_checkers, self.access_log
         self.settings = dataclasses.replace(
             settings,
-            server=dataclasses.replace(settings.server, listen=old.server.listen),
+            server=dataclasses.replace(settings.server, listen=old.server.listen, tls=tls),
             cache=old.cache,
             admin=old.admin,
         )
         self._apply_server_settings(self.settings)
         self.groups, self.router, self.health_checkers = groups, router, checkers
+        if certificates is not None and self.tls is not None:
+            self.tls.replace(certificates)
         self.pipeline.router = router
         self.pipeline.read_timeout = settings.server.read_timeout
         self.services = [*(s for s in self.services if s not in old_checkers), *checkers]
@@ -249,9 +300,28 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         if self.cache is not None:
             await self.cache.storage.start()
+        tls = self.settings.server.tls
+        if self.tls is not None and tls is not None:
+            # Before the plain listeners: a redirect names the bound TLS port.
+            for address in tls.listen:
+                server = await loop.create_server(
+                    self._tls_connection,
+                    address.host,
+                    address.port,
+                    ssl=self.tls.context,
+                    ssl_handshake_timeout=self.limits.client_header_timeout,
+                    reuse_address=True,
+                    reuse_port=reuse_port,
+                    backlog=2048,
+                )
+                self.servers.append(server)
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    self.tls_addresses.append(Address(host, port))
+            self._redirect = HttpsRedirect(self, self.tls_addresses[0].port)
         for address in listen if listen is not None else self.settings.server.listen:
             server = await loop.create_server(
-                lambda: DownstreamConnection(self),
+                self._plain_connection,
                 address.host,
                 address.port,
                 reuse_address=True,
@@ -264,9 +334,23 @@ class ProxyApp:
                 self.addresses.append(Address(host, port))
         for address in self.addresses if log_listening else ():
             log.info("listening on http://%s", address)
+        for address in self.tls_addresses if log_listening else ():
+            log.info("listening on https://%s", address)
         for service in self.services:
             await service.start()
         return self.addresses
+
+    def _plain_connection(self) -> DownstreamConnection:
+        conn = DownstreamConnection(self)
+        tls = self.settings.server.tls
+        if self._redirect is not None and tls is not None and tls.redirect_http:
+            conn.handler = self._redirect.handle
+        return conn
+
+    def _tls_connection(self) -> DownstreamConnection:
+        conn = DownstreamConnection(self)
+        conn.scheme = "https"  # X-Forwarded-Proto and cache keys
+        return conn
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish for up to ``timeout`` s, then stop."""

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -99,8 +99,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.client_addr = ""
-        self.scheme = "http"
+        self.scheme = "http"  # "https" on a TLS listener
         self.is_trusted = False
+        # Answers each request instead of the proxy pipeline (a listener's redirect_http).
+        self.handler: Callable[[DownstreamConnection, RequestCycle], Awaitable[bool]] | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[RequestCycle] = deque()
         self.receiving: RequestCycle | None = None
@@ -202,9 +204,10 @@ class DownstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.tunnel_eof is not None:
-            # Pass the half-close through the tunnel; the upstream's close ends it.
+            # Pass the half-close through the tunnel; the upstream's close ends it. A TLS
+            # transport cannot stay half-open: it closes (and the tunnel with it).
             self.tunnel_eof()
-            return True
+            return self.transport is not None and self.transport.can_write_eof()
         # A half-close ends the request stream; answer what was received, then close.
         self.stop_parsing = True
         if self.receiving is not None and not self.receiving.body_done:
@@ -325,7 +328,7 @@ class DownstreamConnection(asyncio.Protocol):
         try:
             while self.queue and not self.is_closed:
                 cycle = self.queue[0]
-                keep_open = await self.app.pipeline.handle(self, cycle)
+                keep_open = await (self.handler or self.app.pipeline.handle)(self, cycle)
                 self.queue.popleft()
                 if not keep_open or self.is_closed:
                     self.close()

@@ -95,6 +95,8 @@ __all__ = [
     "STABLE_AFTER",
     "Supervisor",
     "WorkerLink",
+    "bind_placeholders",
+    "restart_delay",
     "supervise",
 ]
 
@@ -175,6 +177,11 @@ class _Exit:
         return f"exited with code {self.code}"
 
 
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a worker that died young ``failures`` times in a row before."""
+    return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * float(2 ** min(failures, 32)))
+
+
 def _check_platform() -> None:
     if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError(
@@ -183,7 +190,7 @@ def _check_platform() -> None:
         )
 
 
-def _bind_placeholders(addresses: Iterable[Address]) -> list[socket.socket]:
+def bind_placeholders(addresses: Iterable[Address]) -> list[socket.socket]:
     """Bind (without listening) every address with SO_REUSEPORT; port 0 becomes a real port.
 
     A host name that resolves to several addresses gives one socket per address, all on the
@@ -244,7 +251,7 @@ class Supervisor:
 
     def run(self) -> int:
         _check_platform()
-        self._sockets = _bind_placeholders(self.settings.server.listen)
+        self._sockets = bind_placeholders(self.settings.server.listen)
         try:
             self.listen = tuple(Address(*s.getsockname()[:2]) for s in self._sockets)
             self._selector = selectors.DefaultSelector()
@@ -522,7 +529,7 @@ class Supervisor:
         now = time.monotonic()
         if now - worker.started_at >= STABLE_AFTER:
             worker.failures = 0
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2**worker.failures)
+        delay = restart_delay(worker.failures)
         worker.failures += 1
         worker.restart_at = now + delay
         log.warning(
