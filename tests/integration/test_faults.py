@@ -477,6 +477,37 @@ async def test_connect_that_never_completes_is_504() -> None:
         listener.close()
 
 
+@bounded
+@pytest.mark.parametrize(
+    ("leave", "read_timeout"),
+    [
+        # A reset (the client process died): PIBL lets go of the backend at once, long before
+        # its read timeout.
+        ("rst", "30s"),
+        # A FIN is a legal half-close after which the answer is still owed (like HAProxy
+        # without abortonclose): PIBL holds on until its read timeout, then lets go of both.
+        ("fin", "0.2s"),
+    ],
+)
+async def test_a_client_leaving_while_the_backend_hangs_leaves_nothing_behind(
+    leave: str, read_timeout: str
+) -> None:
+    server = {"connect_timeout": "0.2s", "read_timeout": read_timeout}
+    async with proxy_in_front_of(hang, server=server) as (app, [origin]):
+        client = await Client.connect(app.addresses[0])
+        await client.send(b"GET / HTTP/1.1\r\nHost: faults.test\r\n\r\n")
+        await eventually(lambda: len(origin.requests) == 1, "the request reached the backend")
+        started = time.monotonic()
+        if leave == "rst":
+            sock = client.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.writer.transport.abort()
+        await client.aclose()
+        await eventually(lambda: origin.closed_by_peer == 1, "PIBL let go of the backend")
+        assert time.monotonic() - started < CLIENT_TIMEOUT
+    assert origin.connections == 1  # and did not try again for a client that is gone
+
+
 # --------------------------------------------------------------------------- garbage
 
 
@@ -503,6 +534,27 @@ async def test_garbage_response_is_502_and_the_connection_is_dropped(raw: bytes)
         # Never kept for another request: PIBL closed it.
         await eventually(lambda: origin.closed_by_peer == origin.connections, "dropped")
         assert raw not in response.body
+
+
+@bounded
+async def test_endless_response_head_is_502_at_once() -> None:
+    # Regression: llhttp buffers header lines without bound; PIBL kept them all (hundreds of
+    # MB) until its read timeout. The head is now capped (MAX_RESPONSE_HEAD_BYTES).
+    async def endless_head(conn: FaultConn) -> None:
+        await conn.read_request()
+        line = b"X-Junk: " + b"a" * 1000 + b"\r\n"
+        with contextlib.suppress(ConnectionError):
+            await conn.send(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(1024):  # 1 MiB at most, should PIBL never stop it
+                await conn.send(line)
+        await conn.wait_for_close()
+
+    server = {"connect_timeout": "0.2s", "read_timeout": "30s"}
+    async with proxy_in_front_of(endless_head, server=server) as (app, [origin]):
+        response, elapsed = await timed_request(app)
+        assert response.status == 502
+        assert elapsed < CLIENT_TIMEOUT  # not the 30 s read timeout
+        await eventually(lambda: origin.closed_by_peer == 1, "the connection dropped")
 
 
 @bounded
@@ -564,7 +616,10 @@ async def test_backend_closing_idle_connections_after_some_responses_costs_no_re
 
 
 @bounded
-async def test_backend_closing_a_reused_connection_after_reading_a_request_costs_no_get() -> None:
+@pytest.mark.parametrize("hang_up", [FaultConn.close, FaultConn.reset], ids=["fin", "rst"])
+async def test_backend_closing_a_reused_connection_after_reading_a_request_costs_no_get(
+    hang_up: Callable[[FaultConn], None],
+) -> None:
     rng = random.Random(7)
     dropped = 0
 
@@ -574,7 +629,7 @@ async def test_backend_closing_a_reused_connection_after_reading_a_request_costs
         while await conn.read_request() is not None:
             if served and rng.random() < 0.5:
                 dropped += 1
-                conn.close()  # read, never answered: the keep-alive race
+                hang_up(conn)  # read, never answered: the keep-alive race
                 return
             await conn.send(OK)
             served += 1
@@ -585,6 +640,24 @@ async def test_backend_closing_a_reused_connection_after_reading_a_request_costs
     assert dropped > 0
     # Each dropped GET was sent again once, on a fresh connection.
     assert len(origin.requests) == 40 + dropped
+
+
+@bounded
+async def test_a_post_meeting_the_keepalive_race_is_not_sent_again() -> None:
+    async def answer_first_only(conn: FaultConn) -> None:
+        if await conn.read_request() is not None:
+            await conn.send(OK)
+        if await conn.read_request() is not None:
+            conn.close()  # the second request on the connection is read, never answered
+
+    async with proxy_in_front_of(answer_first_only, server=FAST_TIMEOUTS) as (app, [origin]):
+        response, _ = await timed_request(app, "GET", "/warm")  # leaves a pooled connection
+        assert response.status == 200
+        response, elapsed = await timed_request(app, "POST", "/order", body=b"pay once")
+        assert response.status == 502  # it may have been processed: never replayed
+        assert elapsed < CLIENT_TIMEOUT
+    assert len(origin.requests_starting(b"POST")) == 1
+    assert origin.connections == 1
 
 
 # --------------------------------------------------------------------------- retry rules

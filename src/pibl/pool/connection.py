@@ -15,9 +15,19 @@ import httptools
 
 from pibl.http.head import Headers, ResponseHead
 
+# Bytes of response head (interim 1xx heads included) an upstream may send before its final
+# head is complete; beyond it the response is refused (502). llhttp sets no bound of its own,
+# so without this a broken upstream grows PIBL's memory until the read timeout. nginx's
+# proxy_buffer_size is 4 or 8 KiB, HAProxy's tune.bufsize 16 KiB, Envoy's default 60 KiB.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+
 
 class UnsolicitedResponse(Exception):
     """Bytes of a further response arrived after the exchange's response was complete."""
+
+
+class ResponseHeadTooLarge(Exception):
+    """The upstream's response head exceeds ``MAX_RESPONSE_HEAD_BYTES``."""
 
 
 class ResponseSink(Protocol):
@@ -38,6 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_body_until_close",
         "_got_bytes",
+        "_head_bytes",
         "_headers",
         "_parser",
         "_reason",
@@ -63,6 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip_body = False
         self._body_until_close = False
         self._got_bytes = False
+        self._head_bytes = 0
         self.is_reusable = True
         self.idle_since = 0.0
         self.last_activity = 0.0
@@ -83,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._state = "head"
         self._skip_body = head_request
         self._got_bytes = False
+        self._head_bytes = 0
         self._body_until_close = False
 
     def write(self, data: bytes) -> None:
@@ -145,8 +158,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
+        if state == "head":
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
+            if self._state == "head" and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                # Still no complete final head (a read may also carry body bytes after it).
+                self._fail(
+                    ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
+                )
+                return
             if self.sink is not None:
                 self.sink.flush_pending()
         except httptools.HttpParserUpgrade as upgrade:
