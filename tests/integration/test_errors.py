@@ -233,3 +233,32 @@ async def test_listener_max_connections_makes_extra_connections_wait() -> None:
             assert response.body == b"b1 GET /third\n"
             for client in (first, third):
                 await client.aclose()
+
+
+async def test_slowloris_trickling_a_head_still_gets_408_at_the_deadline() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(backends, server={"client_header_timeout": "0.3s"})
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"z" * 500
+
+            async def trickle() -> int:
+                # One byte every 20 ms: every read is recent, but the head never completes;
+                # the deadline is total, not per read.
+                for sent in range(len(head)):
+                    await client.send(head[sent : sent + 1])
+                    await asyncio.sleep(0.02)  # the trickle itself, not a synchronisation
+                return len(head)
+
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            trickling = asyncio.create_task(trickle())
+            response = await client.read_response()
+            elapsed = loop.time() - started
+            trickling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await trickling
+            assert response.status == 408
+            assert 0.25 < elapsed < 3
+            await client.aclose()
+        assert backends[0].requests == []
