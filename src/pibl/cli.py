@@ -248,7 +248,12 @@ async def serve(
     """
     from pibl.server.app import ProxyApp
 
-    app = ProxyApp(settings)
+    cluster = None
+    if worker is not None and worker.state_dir is not None:
+        from pibl.admin.cluster import ClusterSpec
+
+        cluster = ClusterSpec(worker.number, settings.server.workers, worker.state_dir)
+    app = ProxyApp(settings, cluster=cluster)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Handlers first: "listening on ..." tells a supervisor that PIBL is up, and a signal sent

@@ -941,13 +941,8 @@ def _admin(value: Any, server: ServerSettings) -> AdminSettings:
     admin = _ADMIN.load(value, "admin")
     if admin.listen.port != 0 and admin.listen in server.listen:
         raise _Invalid("admin.listen", f"{admin.listen} is already server.listen")
-    if server.workers > 1:
-        # Each worker counts only its own requests, and all of them would bind admin.listen.
-        raise _Invalid(
-            "admin",
-            f"not available with server.workers = {server.workers} yet; "
-            "use workers = 1 to run the admin API",
-        )
+    # With server.workers > 1, worker 1 alone listens and merges the others' figures
+    # (pibl.admin.cluster).
     return admin
 
 

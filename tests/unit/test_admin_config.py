@@ -100,15 +100,14 @@ def test_errors_name_the_admin_key(admin: Any, path: str, fragment: str) -> None
 
 
 @pytest.mark.parametrize("workers", [2, 8])
-def test_admin_with_several_workers_is_refused_for_now(workers: int) -> None:
-    data = config({})
+def test_admin_with_several_workers_is_accepted(workers: int) -> None:
+    # Worker 1 alone listens and merges every worker's figures (pibl.admin.cluster).
+    data = config({"listen": "127.0.0.1:9901"})
     data["server"]["workers"] = workers
-    with pytest.raises(ConfigError) as info:
-        parse_config(data, "pibl.toml")
-    assert str(info.value) == (
-        f"pibl.toml: admin: not available with server.workers = {workers} yet; "
-        "use workers = 1 to run the admin API"
-    )
+    settings = parse_config(data, "pibl.toml")
+    assert settings.server.workers == workers
+    assert settings.admin is not None
+    assert str(settings.admin.listen) == "127.0.0.1:9901"
 
 
 def test_round_trips_through_settings_to_dict() -> None:

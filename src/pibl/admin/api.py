@@ -22,10 +22,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
+from pibl.admin.cluster import ClusterNode, apply_command
 from pibl.admin.http import AdminRequest, AdminResponse, error, json_response, split_path
 from pibl.admin.metrics import CONTENT_TYPE, PiblCollector, make_registry, render
 from pibl.admin.stats import ProxyStats
-from pibl.admin.status import app_status, cache_stats, redacted_config, server_status
+from pibl.admin.status import Peers, app_status, cache_stats, redacted_config, server_status
 from pibl.balancer.upstream import Upstream
 from pibl.cache.key import key_from_url
 from pibl.config import parse_address
@@ -94,6 +95,7 @@ class AdminApi:
         uptime: Callable[[], float],
         loopback: bool = True,
         static: dict[str, tuple[bytes, str]] | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.app = app
         self.stats = stats
@@ -101,7 +103,10 @@ class AdminApi:
         self.uptime = uptime
         self.loopback = loopback
         self.static = load_static() if static is None else static
-        self.registry = make_registry(PiblCollector(app, stats, uptime))
+        self.collector = PiblCollector(app, stats, uptime)
+        self.registry = make_registry(self.collector)
+        # Several workers: figures merged from every worker, actions sent to every worker.
+        self.cluster = cluster
 
     async def handle(self, request: AdminRequest) -> AdminResponse:
         segments = split_path(request.path)
@@ -177,35 +182,67 @@ class AdminApi:
                 return upstream
         raise _NotFound(f"no server {server!r} in upstream pool {group.name!r}")
 
+    # -- several workers ----------------------------------------------------------------------
+    async def _view(self, *, refresh: bool = True) -> tuple[ProxyStats, Peers | None]:
+        """The statistics to show, and the other workers' figures (None with one worker)."""
+        if self.cluster is None:
+            return self.stats, None
+        return await self.cluster.view(refresh=refresh)
+
+    async def _act(self, command: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """Apply an action here, then in every other worker: the summed result (purged
+        entries) and, with several workers, which of them acknowledged."""
+        result = await apply_command(self.app, command)
+        if self.cluster is None:
+            return result, None
+        results, missing = await self.cluster.broadcast(command)
+        acknowledged = sorted([self.cluster.spec.number, *results])
+        return result + sum(results.values()), {"acknowledged": acknowledged, "missing": missing}
+
+    async def _server_answer(
+        self, group: UpstreamGroup, upstream: Upstream, workers: dict[str, Any] | None
+    ) -> AdminResponse:
+        stats, peers = await self._view(refresh=False)
+        body = server_status(group, upstream, stats, peers)
+        if workers is not None:
+            body["acknowledged_by"] = workers
+        return json_response(body)
+
     # -- endpoints ----------------------------------------------------------------------------
     async def status(self, request: AdminRequest, params: Params) -> AdminResponse:
-        return json_response(app_status(self.app, self.stats, uptime=self.uptime()))
+        stats, peers = await self._view()
+        return json_response(app_status(self.app, stats, uptime=self.uptime(), peers=peers))
 
     async def config(self, request: AdminRequest, params: Params) -> AdminResponse:
         return json_response(redacted_config(self.app))
 
     async def metrics(self, request: AdminRequest, params: Params) -> AdminResponse:
+        stats, peers = await self._view()
+        self.collector.stats, self.collector.peers = stats, peers or Peers()
         return AdminResponse(200, render(self.registry), CONTENT_TYPE)
 
     async def server(self, request: AdminRequest, params: Params) -> AdminResponse:
         group = self._group(params[0])
-        return json_response(server_status(group, self._upstream(group, params[1]), self.stats))
+        upstream = self._upstream(group, params[1])
+        stats, peers = await self._view()
+        return json_response(server_status(group, upstream, stats, peers))
 
     async def drain(self, request: AdminRequest, params: Params) -> AdminResponse:
-        return self._set_drained(params, True)
+        return await self._set_drained(params, True)
 
     async def enable(self, request: AdminRequest, params: Params) -> AdminResponse:
-        return self._set_drained(params, False)
+        return await self._set_drained(params, False)
 
-    def _set_drained(self, params: Params, drained: bool) -> AdminResponse:
+    async def _set_drained(self, params: Params, drained: bool) -> AdminResponse:
         group = self._group(params[0])
         upstream = self._upstream(group, params[1])
         if upstream.drained != drained:
-            upstream.drained = drained
             log.info(
                 "admin: %s %s in %s", "drained" if drained else "enabled", upstream.key, group.name
             )
-        return json_response(server_status(group, upstream, self.stats))
+        op = "drain" if drained else "enable"
+        _, workers = await self._act({"op": op, "pool": group.name, "server": upstream.key})
+        return await self._server_answer(group, upstream, workers)
 
     async def weight(self, request: AdminRequest, params: Params) -> AdminResponse:
         group = self._group(params[0])
@@ -224,14 +261,16 @@ class AdminApi:
                 upstream.weight,
                 weight,
             )
-            upstream.weight = weight
-        return json_response(server_status(group, upstream, self.stats))
+        command = {"op": "weight", "pool": group.name, "server": upstream.key, "weight": weight}
+        _, workers = await self._act(command)
+        return await self._server_answer(group, upstream, workers)
 
     async def cache_stats(self, request: AdminRequest, params: Params) -> AdminResponse:
         cache = self.app.cache
         if cache is None:
             return error(404, "the cache is disabled")
-        return json_response(cache_stats(cache))
+        _, peers = await self._view()
+        return json_response(cache_stats(cache, peers))
 
     async def purge(self, request: AdminRequest, params: Params) -> AdminResponse:
         cache = self.app.cache
@@ -245,22 +284,22 @@ class AdminApi:
             raise _BadRequest(usage)
         ((kind, value),) = body.items()
         if kind == "all" and value is True:
-            purged = await cache.storage.purge(None)
             what = "everything"
         elif kind in ("url", "prefix") and isinstance(value, str):
             try:
                 key = key_from_url(value)
             except ValueError as exc:
                 raise _BadRequest(f"{kind}: {exc}") from None
-            if kind == "url":
-                purged = await cache.storage.delete(key)  # every Vary variant of the URL
-            else:
-                purged = await cache.storage.purge(key.url)
             what = key.url
         else:
             raise _BadRequest(usage)
+        # "url": every Vary variant of the URL; "prefix": every URL under it.
+        purged, workers = await self._act({"op": "purge", kind: value})
         log.info("admin: purged %s from the cache (%d entries)", what, purged)
-        return json_response({"purged": purged})
+        answer: dict[str, Any] = {"purged": purged}
+        if workers is not None:
+            answer["acknowledged_by"] = workers
+        return json_response(answer)
 
 
 class _NotFound(Exception):

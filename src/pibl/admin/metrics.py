@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from pibl import __version__
 from pibl.admin.stats import Histogram, ProxyStats
-from pibl.admin.status import is_selectable
+from pibl.admin.status import Peers, is_selectable
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -79,12 +79,17 @@ def _histogram(
 
 
 class PiblCollector(Collector):
-    """Reads ``app`` and ``stats`` on every scrape; ``uptime`` gives seconds since start."""
+    """Reads ``app`` and ``stats`` on every scrape; ``uptime`` gives seconds since start.
+
+    With several workers the admin API sets ``stats`` to every worker's statistics merged and
+    ``peers`` to the other workers' live figures before each scrape: counters and gauges sum.
+    """
 
     def __init__(self, app: ProxyApp, stats: ProxyStats, uptime: Callable[[], float]) -> None:
         self.app = app
         self.stats = stats
         self.uptime = uptime
+        self.peers = Peers()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._process()
@@ -99,21 +104,23 @@ class PiblCollector(Collector):
         yield GaugeMetricFamily(
             "pibl_uptime_seconds", "Seconds since the proxy started", value=self.uptime()
         )
-        yield GaugeMetricFamily("pibl_workers", "Worker processes serving requests", value=1)
+        yield GaugeMetricFamily(
+            "pibl_workers", "Worker processes serving requests", value=self.peers.workers
+        )
         yield GaugeMetricFamily(
             "pibl_downstream_connections",
             "Open client connections",
-            value=len(self.app.connections),
+            value=len(self.app.connections) + self.peers.connections,
         )
         yield GaugeMetricFamily(
             "pibl_tunnels_open",
             "Open tunnels after 101 Switching Protocols (WebSocket and other upgrades)",
-            value=self.app.tunnels_open,
+            value=self.app.tunnels_open + self.peers.tunnels_open,
         )
         yield CounterMetricFamily(
             "pibl_tunnels",
             "Tunnels opened after 101 Switching Protocols",
-            value=self.app.tunnels_total,
+            value=self.app.tunnels_total + self.peers.tunnels_total,
         )
 
     def _requests(self) -> Iterator[Metric]:
@@ -220,25 +227,32 @@ class PiblCollector(Collector):
         for group in self.app.groups.values():
             for upstream in group.upstreams:
                 values = [group.name, upstream.key]
+                extra = self.peers.server(group.name, upstream.key)
                 drained = bool(getattr(upstream, "drained", False))
                 healthy = bool(upstream.is_available) and bool(
                     getattr(upstream, "is_healthy", True)
                 )
-                gauges["in_flight"].add_metric(values, upstream.in_flight)
+                gauges["in_flight"].add_metric(
+                    values, upstream.in_flight + extra.get("in_flight", 0)
+                )
                 gauges["up"].add_metric(values, int(is_selectable(upstream)))
                 gauges["healthy"].add_metric(values, int(healthy))
                 gauges["drained"].add_metric(values, int(drained))
                 gauges["weight"].add_metric(values, upstream.weight)
-                counters["attempts"].add_metric(values, upstream.requests)
-                counters["failures"].add_metric(values, upstream.errors)
+                counters["attempts"].add_metric(
+                    values, upstream.requests + extra.get("requests", 0)
+                )
+                counters["failures"].add_metric(values, upstream.errors + extra.get("errors", 0))
                 gauges["ejected"].add_metric(values, int(bool(getattr(upstream, "is_ejected", 0))))
                 gauges["ejections"].add_metric(values, getattr(upstream, "ejections", 0) or 0)
                 pool = group.pools.get(upstream.key)
                 if pool is not None:
-                    connections.add_metric([*values, "active"], pool.active)
-                    connections.add_metric([*values, "idle"], pool.idle)
-                    counters["connects"].add_metric(values, pool.connects)
-                    counters["reuses"].add_metric(values, pool.reuses)
+                    active = pool.active + extra.get("active", 0)
+                    connections.add_metric([*values, "active"], active)
+                    connections.add_metric([*values, "idle"], pool.idle + extra.get("idle", 0))
+                    connects = pool.connects + extra.get("connects", 0)
+                    counters["connects"].add_metric(values, connects)
+                    counters["reuses"].add_metric(values, pool.reuses + extra.get("reuses", 0))
         queued = GaugeMetricFamily(
             "pibl_upstream_queued", "Requests waiting for a connection slot", labels=["pool"]
         )
@@ -253,8 +267,11 @@ class PiblCollector(Collector):
             labels=["pool"],
         )
         for group in self.app.groups.values():
-            queued.add_metric([group.name], getattr(group, "queued", 0))
-            rejected.add_metric([group.name], getattr(group, "rejected", 0))
+            extra = self.peers.pool(group.name)
+            queued.add_metric([group.name], getattr(group, "queued", 0) + extra.get("queued", 0))
+            rejected.add_metric(
+                [group.name], getattr(group, "rejected", 0) + extra.get("rejected", 0)
+            )
             panic.add_metric([group.name], int(bool(getattr(group, "in_panic", False))))
         yield from gauges.values()
         yield from counters.values()
@@ -276,13 +293,25 @@ class PiblCollector(Collector):
         cache = self.app.cache
         if cache is None:
             return
-        yield CounterMetricFamily("pibl_cache_hits", "Fresh cache hits", value=cache.hits)
-        yield CounterMetricFamily("pibl_cache_misses", "Cache lookups forwarded", cache.misses)
-        yield CounterMetricFamily("pibl_cache_stale", "Stale responses served", cache.stale)
+        extra = self.peers.cache
         yield CounterMetricFamily(
-            "pibl_cache_revalidations", "Stored responses refreshed by a 304", cache.revalidations
+            "pibl_cache_hits", "Fresh cache hits", value=cache.hits + extra.get("hits", 0)
         )
-        storage = cache.storage.stats()
+        yield CounterMetricFamily(
+            "pibl_cache_misses", "Cache lookups forwarded", cache.misses + extra.get("misses", 0)
+        )
+        yield CounterMetricFamily(
+            "pibl_cache_stale", "Stale responses served", cache.stale + extra.get("stale", 0)
+        )
+        yield CounterMetricFamily(
+            "pibl_cache_revalidations",
+            "Stored responses refreshed by a 304",
+            cache.revalidations + extra.get("revalidations", 0),
+        )
+        storage = {
+            what: cache.storage.stats().get(what, 0) + extra.get(what, 0)
+            for what in ("entries", "bytes", "evictions")
+        }
         yield GaugeMetricFamily(
             "pibl_cache_entries", "Responses stored", value=storage.get("entries", 0)
         )

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pibl.admin.api import AdminApi, is_loopback_host
+from pibl.admin.cluster import ClusterNode, ClusterSpec
 from pibl.admin.http import AdminHttpServer
 from pibl.admin.stats import ProxyStats
 from pibl.balancer.upstream import Address
@@ -25,15 +26,23 @@ class AdminService:
 
     The constructor only records its arguments; ``start()`` hooks the statistics into the
     pipeline and listens, ``aclose()`` undoes both (also after a partial start).
+
+    ``cluster``: this process is one of several workers (``pibl.admin.cluster``). Every worker
+    counts its requests and exchanges them through the supervisor's state folder; only worker 1
+    listens, and merges the others' figures into its answers.
     """
 
-    def __init__(self, app: ProxyApp, settings: AdminSettings) -> None:
+    def __init__(
+        self, app: ProxyApp, settings: AdminSettings, cluster: ClusterSpec | None = None
+    ) -> None:
         self.app = app
         self.settings = settings
         self.stats = ProxyStats()
         self.started = time.monotonic()
         self.address: Address | None = None
         self.http: AdminHttpServer | None = None  # the listener, once started
+        self.cluster = cluster
+        self.node: ClusterNode | None = None
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
@@ -43,12 +52,18 @@ class AdminService:
         observers = self.app.pipeline.record_observers
         if self.stats.observe not in observers:
             observers.append(self.stats.observe)
+        if self.cluster is not None:
+            self.node = ClusterNode(self.app, self.stats, self.cluster)
+            await self.node.start()
+            if not self.cluster.serves_admin:
+                return
         api = AdminApi(
             self.app,
             self.stats,
             token=self.settings.token,
             uptime=self.uptime,
             loopback=is_loopback_host(self.settings.listen.host),
+            cluster=self.node,
         )
         self.http = AdminHttpServer(api.handle)
         listen = self.settings.listen
@@ -65,6 +80,9 @@ class AdminService:
         observers = self.app.pipeline.record_observers
         if self.stats.observe in observers:
             observers.remove(self.stats.observe)
+        if self.node is not None:
+            await self.node.aclose()
+            self.node = None
         if self.http is not None:
             await self.http.aclose()
             self.http = None

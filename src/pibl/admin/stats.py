@@ -16,7 +16,7 @@ import math
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from pibl.accesslog import AccessRecord
 
@@ -26,8 +26,13 @@ __all__ = [
     "LatencyWindow",
     "ProxyStats",
     "cache_result",
+    "merged_stats",
+    "stats_from_dict",
+    "stats_to_dict",
     "status_class",
 ]
+
+_K = TypeVar("_K")
 
 # Upper bounds in seconds, Prometheus-style (``le``): 1 ms .. 60 s, roughly x2.5 per step, the
 # spread of the client libraries' defaults stretched to cover read_timeout's 60 s default.
@@ -238,3 +243,101 @@ class ProxyStats:
             for result, count in route.cache.items():
                 totals[result] = totals.get(result, 0) + count
         return totals
+
+
+# --------------------------------------------------------------------------- across workers
+# A worker's figures travel as JSON (``ProxyStats.to_dict``) to the process serving the admin
+# API, which merges them with its own (``ProxyStats.merged``): see ``pibl.admin.cluster``.
+
+
+def _histogram_to_dict(histogram: Histogram) -> dict[str, Any]:
+    return {
+        "bounds": list(histogram.bounds),
+        "counts": list(histogram.counts),
+        "sum": histogram.sum,
+        "count": histogram.count,
+    }
+
+
+def _histogram_from_dict(data: dict[str, Any]) -> Histogram:
+    histogram = Histogram(tuple(float(b) for b in data["bounds"]))
+    histogram.counts = [int(c) for c in data["counts"]]
+    histogram.sum = float(data["sum"])
+    histogram.count = int(data["count"])
+    return histogram
+
+
+def stats_to_dict(stats: ProxyStats) -> dict[str, Any]:
+    """``stats`` as JSON-ready data (:func:`stats_from_dict` reads it back)."""
+    routes: dict[str, Any] = {}
+    for name, route in stats.routes.items():
+        routes[name] = {
+            "requests": [[s, k, n] for (s, k), n in route.requests.items()],
+            "duration": _histogram_to_dict(route.duration),
+            "bytes_sent": route.bytes_sent,
+            "bytes_received": route.bytes_received,
+            "retries": route.retries,
+            "cache": dict(route.cache),
+            "servers": {
+                address: {
+                    "duration": _histogram_to_dict(server.duration),
+                    "samples": list(server.window.samples),
+                    "ewma": server.window.ewma,
+                    "responses": dict(server.responses),
+                }
+                for address, server in route.servers.items()
+            },
+        }
+    return {"requests": stats.requests, "routes": routes}
+
+
+def stats_from_dict(data: dict[str, Any]) -> ProxyStats:
+    stats = ProxyStats()
+    stats.requests = int(data["requests"])
+    for name, item in data["routes"].items():
+        route = stats.routes[name] = RouteStats()
+        route.requests = {(str(s), str(k)): int(n) for s, k, n in item["requests"]}
+        route.duration = _histogram_from_dict(item["duration"])
+        route.bytes_sent = int(item["bytes_sent"])
+        route.bytes_received = int(item["bytes_received"])
+        route.retries = int(item["retries"])
+        route.cache = {str(k): int(n) for k, n in item["cache"].items()}
+        for address, entry in item["servers"].items():
+            server = route.servers[address] = ServerStats()
+            server.duration = _histogram_from_dict(entry["duration"])
+            server.window.samples.extend(float(v) for v in entry["samples"])
+            server.window.ewma = None if entry["ewma"] is None else float(entry["ewma"])
+            server.responses = {str(k): int(n) for k, n in entry["responses"].items()}
+    return stats
+
+
+def _add(into: dict[_K, int], other: dict[_K, int]) -> None:
+    for key, count in other.items():
+        into[key] = into.get(key, 0) + count
+
+
+def merged_stats(parts: Iterable[ProxyStats]) -> ProxyStats:
+    """One ProxyStats summing ``parts`` (several workers'); the parts are left as they are."""
+    result = ProxyStats()
+    for part in parts:
+        result.requests += part.requests
+        for name, other in part.routes.items():
+            route = result.routes.get(name)
+            if route is None:
+                route = result.routes[name] = RouteStats()
+            _add(route.requests, other.requests)
+            route.duration.merge(other.duration)
+            route.bytes_sent += other.bytes_sent
+            route.bytes_received += other.bytes_received
+            route.retries += other.retries
+            _add(route.cache, other.cache)
+            for address, theirs in other.servers.items():
+                server = route.servers.get(address)
+                if server is None:
+                    server = route.servers[address] = ServerStats()
+                    server.window = LatencyWindow.merged([theirs.window])
+                else:
+                    server.window = LatencyWindow.merged([server.window, theirs.window])
+                server.duration.merge(theirs.duration)
+                _add(server.responses, theirs.responses)
+    return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from pibl import __version__
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REDACTED",
+    "Peers",
     "app_status",
     "cache_stats",
     "health_fields",
@@ -43,6 +45,46 @@ _URL_PASSWORD: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:)([^/@]*
 _CORE_FIELDS: Final = frozenset(
     {"address", "key", "weight", "in_flight", "requests", "errors", "is_available", "drained"}
 )
+
+
+@dataclass
+class Peers:
+    """The other workers' figures, summed, for the admin documents (empty with one worker)."""
+
+    workers: int = 1
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    connections: int = 0
+    tunnels_open: int = 0
+    tunnels_total: int = 0
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)
+    servers: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    # (pool, server) → worker number → state as that worker sees it (several workers only)
+    states: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+
+    def server(self, pool: str, key: str) -> dict[str, int]:
+        return self.servers.get((pool, key), {})
+
+    def pool(self, pool: str) -> dict[str, int]:
+        return self.pools.get(pool, {})
+
+    def add(self, snapshot: dict[str, Any]) -> None:
+        self.connections += int(snapshot["connections"])
+        self.tunnels_open += int(snapshot["tunnels_open"])
+        self.tunnels_total += int(snapshot["tunnels_total"])
+        for name, pool in snapshot["pools"].items():
+            totals = self.pools.setdefault(name, {})
+            for what in ("queued", "rejected"):
+                totals[what] = totals.get(what, 0) + int(pool[what])
+            for key, figures in pool["servers"].items():
+                server = self.servers.setdefault((name, key), {})
+                for what, value in figures.items():
+                    if what == "state":
+                        self.states.setdefault((name, key), {})[str(snapshot["number"])] = value
+                    else:
+                        server[what] = server.get(what, 0) + int(value)
+        for what, value in (snapshot["cache"] or {}).items():
+            self.cache[what] = self.cache.get(what, 0) + int(value)
 
 
 def redact(value: Any) -> Any:
@@ -118,7 +160,12 @@ def is_selectable(upstream: Upstream) -> bool:
     return upstream_state(upstream) == "up"
 
 
-def server_status(group: UpstreamGroup, upstream: Upstream, stats: ProxyStats) -> dict[str, Any]:
+def server_status(
+    group: UpstreamGroup, upstream: Upstream, stats: ProxyStats, peers: Peers | None = None
+) -> dict[str, Any]:
+    """One server; with ``peers`` (several workers) its figures summed over all of them."""
+    peers = peers or Peers()
+    extra = peers.server(group.name, upstream.key)
     server = stats.server(group.name, upstream.key)
     ewma: float | None = None
     p50: float | None = None
@@ -131,62 +178,78 @@ def server_status(group: UpstreamGroup, upstream: Upstream, stats: ProxyStats) -
         samples = len(server.window.samples)
         responses = dict(sorted(server.responses.items()))
     pool = group.pools.get(upstream.key)
-    return {
+    status: dict[str, Any] = {
         "address": upstream.key,
         "state": upstream_state(upstream),
         "available": is_selectable(upstream),
         "drained": bool(getattr(upstream, "drained", False)),
         "weight": upstream.weight,
         "health": health_fields(upstream),
-        "in_flight": upstream.in_flight,
+        "in_flight": upstream.in_flight + extra.get("in_flight", 0),
         # Attempts sent to this server (retries included) and those that failed at the
         # transport level (refused, reset, timed out); responses count statuses it answered.
-        "requests": upstream.requests,
-        "errors": upstream.errors,
+        "requests": upstream.requests + extra.get("requests", 0),
+        "errors": upstream.errors + extra.get("errors", 0),
         "responses": responses,
         "latency": {"ewma": ewma, "p50": p50, "p99": p99, "samples": samples},
         "connections": {
-            "active": pool.active if pool is not None else 0,
-            "idle": pool.idle if pool is not None else 0,
+            "active": (pool.active if pool is not None else 0) + extra.get("active", 0),
+            "idle": (pool.idle if pool is not None else 0) + extra.get("idle", 0),
         },
     }
+    states = peers.states.get((group.name, upstream.key))
+    if states is not None:
+        status["workers"] = states  # worker number → state as that worker sees it
+    return status
 
 
-def pool_status(group: UpstreamGroup, stats: ProxyStats, balance: str) -> dict[str, Any]:
+def pool_status(
+    group: UpstreamGroup, stats: ProxyStats, balance: str, peers: Peers | None = None
+) -> dict[str, Any]:
     refresh = getattr(group, "refresh", None)
     if callable(refresh):
         refresh()  # end ejections whose period is over before showing them
+    queued = (peers or Peers()).pool(group.name).get("queued", 0)
     return {
         "name": group.name,
         "balance": balance,
         "retries": group.retries,
-        "queued": getattr(group, "queued", 0),
+        "queued": getattr(group, "queued", 0) + queued,
         "panic": bool(getattr(group, "in_panic", False)),
-        "servers": [server_status(group, u, stats) for u in group.upstreams],
+        "servers": [server_status(group, u, stats, peers) for u in group.upstreams],
     }
 
 
-def cache_stats(cache: HttpCache) -> dict[str, Any]:
+def cache_stats(cache: HttpCache, peers: Peers | None = None) -> dict[str, Any]:
+    """The cache's figures; with ``peers``, summed over every worker (a shared disk or redis
+    storage is then counted once per worker in ``entries`` and ``bytes``)."""
     storage = cache.storage.stats()
-    served = cache.hits + cache.stale
-    lookups = served + cache.misses
+    extra = (peers or Peers()).cache
+    hits = cache.hits + extra.get("hits", 0)
+    stale = cache.stale + extra.get("stale", 0)
+    misses = cache.misses + extra.get("misses", 0)
+    served = hits + stale
+    lookups = served + misses
     return {
         "storage": cache.storage.name,
-        "entries": storage.get("entries", 0),
-        "bytes": storage.get("bytes", 0),
-        "evictions": storage.get("evictions", 0),
-        "hits": cache.hits,
-        "misses": cache.misses,
-        "stale": cache.stale,
-        "revalidations": cache.revalidations,
+        "entries": storage.get("entries", 0) + extra.get("entries", 0),
+        "bytes": storage.get("bytes", 0) + extra.get("bytes", 0),
+        "evictions": storage.get("evictions", 0) + extra.get("evictions", 0),
+        "hits": hits,
+        "misses": misses,
+        "stale": stale,
+        "revalidations": cache.revalidations + extra.get("revalidations", 0),
         # Requests answered from storage (fresh or stale) among those that looked it up.
         "hit_ratio": served / lookups if lookups else None,
     }
 
 
-def app_status(app: ProxyApp, stats: ProxyStats, *, uptime: float) -> dict[str, Any]:
-    """``GET /api/status``. One worker today; every number is a counter or a gauge that sums
-    over workers, and latency windows merge (``LatencyWindow.merged``)."""
+def app_status(
+    app: ProxyApp, stats: ProxyStats, *, uptime: float, peers: Peers | None = None
+) -> dict[str, Any]:
+    """``GET /api/status``. With several workers, ``stats`` is every worker's statistics merged
+    and ``peers`` the other workers' live figures (summed in), and ``processes`` lists them."""
+    peers = peers or Peers()
     sent = sum(r.bytes_sent for r in stats.routes.values())
     received = sum(r.bytes_received for r in stats.routes.values())
     errors = sum(
@@ -195,22 +258,26 @@ def app_status(app: ProxyApp, stats: ProxyStats, *, uptime: float) -> dict[str, 
         for (_server, klass), count in r.requests.items()
         if klass == "5xx"
     )
-    return {
+    status: dict[str, Any] = {
         "version": __version__,
         "uptime": uptime,
-        "workers": 1,
+        "workers": peers.workers,
         "requests": stats.requests,
         "errors": errors,
         "bytes_sent": sent,
         "bytes_received": received,
-        "connections": len(app.connections),
-        "in_flight": sum(u.in_flight for g in app.groups.values() for u in g.upstreams),
+        "connections": len(app.connections) + peers.connections,
+        "in_flight": sum(u.in_flight for g in app.groups.values() for u in g.upstreams)
+        + sum(s.get("in_flight", 0) for s in peers.servers.values()),
         "pools": [
-            pool_status(group, stats, _balance_name(app, group.name))
+            pool_status(group, stats, _balance_name(app, group.name), peers)
             for group in app.groups.values()
         ],
-        "cache": cache_stats(app.cache) if app.cache is not None else None,
+        "cache": cache_stats(app.cache, peers) if app.cache is not None else None,
     }
+    if peers.processes:  # several workers: number, pid, uptime and requests of each
+        status["processes"] = peers.processes
+    return status
 
 
 def _balance_name(app: ProxyApp, pool: str) -> str:

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pibl.accesslog import AccessLog, AccessLogger, NullAccessLog
 from pibl.balancer.checker import HealthChecker
@@ -32,6 +32,9 @@ from pibl.tls import (
     load_certificate,
     upstream_tls,
 )
+
+if TYPE_CHECKING:
+    from pibl.admin.cluster import ClusterSpec
 
 log = logging.getLogger("pibl.server")
 
@@ -135,7 +138,15 @@ class Service(Protocol):
 class ProxyApp:
     """A configured proxy: call ``start()`` to listen and ``aclose()`` to stop."""
 
-    def __init__(self, settings: Settings, access_log: AccessLogger | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        access_log: AccessLogger | None = None,
+        *,
+        cluster: ClusterSpec | None = None,
+    ) -> None:
+        """``cluster``: this process is one of several workers (``[server] workers``); the
+        admin service then shares its figures and actions with the other workers."""
         self.settings = settings
         server = settings.server
         self._apply_server_settings(settings)
@@ -169,7 +180,7 @@ class ProxyApp:
         if settings.admin is not None:
             from pibl.admin.service import AdminService
 
-            self.services.append(AdminService(self, settings.admin))
+            self.services.append(AdminService(self, settings.admin, cluster))
         self.servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
         # TLS termination (server.tls): its listeners' bound addresses, its certificates.

@@ -59,13 +59,11 @@ connections counts: balancing is per worker, like nginx without a ``zone``), act
 checks, and memory cache (``storage = "memory"`` is not shared: use ``disk`` or ``redis`` for one
 cache across workers).
 
-Plan for metrics and the admin API across workers: every worker keeps its counters in a file of
-its own, ``<state_dir>/worker-<number>.json`` (or, with prometheus_client, a shared
-``PROMETHEUS_MULTIPROC_DIR`` whose per-process files its ``MultiProcessCollector`` merges), written
-periodically and at exit; the admin API and ``/metrics`` run in the supervisor, or in worker 1
-only, and sum the files. A restarted worker keeps its slot number, so counters of the dead pid
-are merged into the slot's totals (prometheus_client's ``mark_process_dead``), and
-``workers_restarts_total`` comes from the supervisor.
+Metrics and the admin API across workers: with ``[admin]``, the supervisor creates a private
+state folder (``WorkerLink.state_dir``, removed when it stops) where every worker writes a
+snapshot of its figures, ``worker-<number>.json``, and reads the admin's commands; worker 1 alone
+listens for the admin API and merges the snapshots (``pibl.admin.cluster``). A restarted worker
+keeps its slot number; the counters of a dead process leave the totals once its snapshot is stale.
 """
 
 from __future__ import annotations
@@ -75,9 +73,11 @@ import contextlib
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -134,6 +134,7 @@ class WorkerLink:
     listen: tuple[Address, ...]
     ready_fd: int
     lifeline_fd: int
+    state_dir: str | None = None  # with [admin]: the folder shared with the other workers
 
     def started(self, stop: Callable[[], None]) -> None:
         """Tell the supervisor this worker listens; call ``stop`` when the supervisor dies."""
@@ -246,12 +247,15 @@ class Supervisor:
         self._kill_at: float | None = None
         self._killed = False
         self._status: int | None = None  # set when the start failed
+        self.state_dir: str | None = None  # with [admin] (see pibl.admin.cluster)
 
     # ----------------------------------------------------------------------- lifecycle
 
     def run(self) -> int:
         _check_platform()
         self._sockets = bind_placeholders(self.settings.server.listen)
+        if self.settings.admin is not None:
+            self.state_dir = tempfile.mkdtemp(prefix="pibl-workers-")
         try:
             self.listen = tuple(Address(*s.getsockname()[:2]) for s in self._sockets)
             self._selector = selectors.DefaultSelector()
@@ -335,6 +339,9 @@ class Supervisor:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = None
 
     # ----------------------------------------------------------------------- signals
 
@@ -446,7 +453,7 @@ class Supervisor:
             for sock in self._sockets:
                 sock.close()
             _tag_log_lines_with_pid()
-            link = WorkerLink(number, self.listen, ready_fd, self._lifeline[0])
+            link = WorkerLink(number, self.listen, ready_fd, self._lifeline[0], self.state_dir)
             self.worker_main(link)
             code = 0
         except KeyboardInterrupt:
