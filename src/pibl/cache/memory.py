@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from pibl.cache.key import CacheKey
 from pibl.cache.policy import StoredResponse
-from pibl.cache.storage import CacheEntry
+from pibl.cache.storage import BufferedWriter, CacheEntry
 
 # Bookkeeping cost of an entry beyond its body and header bytes (objects, dict slots).
 ENTRY_OVERHEAD_BYTES = 512
@@ -29,35 +29,17 @@ class MemoryEntry:
         return self.body
 
 
-class MemoryWriter:
-    __slots__ = ("_chunks", "_size", "_storage", "meta", "open")
+class MemoryWriter(BufferedWriter):
+    __slots__ = ("_storage",)
 
     def __init__(self, storage: MemoryStorage, meta: StoredResponse) -> None:
+        super().__init__(meta, storage.max_object_size)
         self._storage = storage
-        self.meta = meta
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.open = True
-
-    def write(self, data: bytes) -> bool:
-        if not self.open:
-            return False
-        self._size += len(data)
-        if self._size > self._storage.max_object_size:
-            self.abort()
-            return False
-        self._chunks.append(data)
-        return True
-
-    def abort(self) -> None:
-        self.open = False
-        self._chunks = []
 
     async def commit(self) -> None:
-        if self.open:
-            self.open = False
-            self._storage.insert(MemoryEntry(self.meta, b"".join(self._chunks)))
-            self._chunks = []
+        body = self.take_body()
+        if body is not None:
+            self._storage.insert(MemoryEntry(self.meta, body))
 
 
 class MemoryStorage:

@@ -62,7 +62,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from pibl.cache.disk import variant_name
 from pibl.cache.key import CacheKey
 from pibl.cache.policy import StoredResponse
-from pibl.cache.storage import CacheEntry
+from pibl.cache.storage import BufferedWriter, CacheEntry
 
 log = logging.getLogger("pibl.cache")
 
@@ -357,40 +357,20 @@ class RedisEntry:
         return self._body
 
 
-class RedisWriter:
+class RedisWriter(BufferedWriter):
     """Buffers the body in memory (``write`` runs in the exchange's callbacks); ``commit`` does
     the Redis I/O."""
 
-    __slots__ = ("_parts", "_size", "_storage", "meta", "open")
+    __slots__ = ("_storage",)
 
     def __init__(self, storage: RedisStorage, meta: StoredResponse, *, is_open: bool) -> None:
+        super().__init__(meta, storage.max_object_size, is_open=is_open)
         self._storage = storage
-        self.meta = meta
-        self._parts: list[bytes] = []
-        self._size = 0
-        self.open = is_open
-
-    def write(self, data: bytes) -> bool:
-        if not self.open:
-            return False
-        self._size += len(data)
-        if self._size > self._storage.max_object_size:
-            self.abort()
-            return False
-        self._parts.append(data)
-        return True
-
-    def abort(self) -> None:
-        self.open = False
-        self._parts = []
 
     async def commit(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        body = b"".join(self._parts)
-        self._parts = []
-        await self._storage.store(self.meta, body)
+        body = self.take_body()
+        if body is not None:
+            await self._storage.store(self.meta, body)
 
 
 # --------------------------------------------------------------------------- the storage

@@ -42,6 +42,43 @@ class CacheWriter(Protocol):
         ...
 
 
+class BufferedWriter:
+    """A writer that collects the body in memory, bounded by ``max_object_size``, for storages
+    that publish an entry in one piece at ``commit`` (memory, Redis)."""
+
+    __slots__ = ("_parts", "_size", "max_object_size", "meta", "open")
+
+    def __init__(self, meta: StoredResponse, max_object_size: int, *, is_open: bool = True) -> None:
+        self.meta = meta
+        self.max_object_size = max_object_size
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.open = is_open
+
+    def write(self, data: bytes) -> bool:
+        if not self.open:
+            return False
+        self._size += len(data)
+        if self._size > self.max_object_size:
+            self.abort()
+            return False
+        self._parts.append(data)
+        return True
+
+    def abort(self) -> None:
+        self.open = False
+        self._parts = []
+
+    def take_body(self) -> bytes | None:
+        """The whole body, once, if the writer was neither aborted nor committed before."""
+        if not self.open:
+            return None
+        self.open = False
+        body = b"".join(self._parts)
+        self._parts = []
+        return body
+
+
 class CacheStorage(Protocol):
     name: str
 
