@@ -870,8 +870,10 @@ def profile(args: argparse.Namespace) -> int:
     servers = Servers()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw, svg = out / "profile.txt", out / "profile.svg"
+    name = "profile-native" if args.native else "profile"
+    svg, text = out / f"{name}.svg", out / f"{name}-summary.txt"
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="pibl-profile-") as tmp:
+        raw = Path(tmp) / "collapsed.txt"
         try:
             targets = start_everything(servers, Path(tmp), {"1k:pibl-1w"})
             (target,) = targets
@@ -906,11 +908,17 @@ def profile(args: argparse.Namespace) -> int:
                         rec.wait()
         finally:
             servers.stop_all()
-    print(f"PIBL 1 worker, 1 KiB, 50 connections while profiled: {figures['rps']:,.0f} req/s")
-    summary = summarise_collapsed(raw)
-    (out / "profile-summary.txt").write_text(summary + "\n")
+        mode = (
+            "--native (the process is paused for each sample)" if args.native else "--nonblocking"
+        )
+        summary = (
+            f"py-spy record {mode}, {seconds}s at 250 Hz; PIBL 1 worker, 1 KiB responses, "
+            f"50 connections: {figures['rps']:,.0f} req/s while profiled; "
+            f"load average {os.getloadavg()[0]:.1f}\n\n" + summarise_collapsed(raw)
+        )
+    text.write_text(summary + "\n")
     print(summary)
-    print(f"\nwrote {raw}, {svg} and {out / 'profile-summary.txt'}")
+    print(f"\nwrote {svg} and {text}")
     return 0
 
 
