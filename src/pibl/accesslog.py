@@ -51,6 +51,7 @@ class AccessRecord:
         "host",
         "method",
         "referer",
+        "retries",
         "route",
         "start_time",
         "status",
@@ -89,6 +90,8 @@ class AccessRecord:
         self.route: str = ""
         # A short reason when the request failed; "" when it did not.
         self.error: str = ""
+        # Attempts after the first (another server, or a fresh connection); for metrics.
+        self.retries: int = 0
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELD_ORDER)

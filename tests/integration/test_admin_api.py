@@ -19,6 +19,7 @@ from tests.support import (
     Received,
     Reply,
     Response,
+    dead_address,
     make_settings,
     request,
     running_backends,
@@ -182,6 +183,23 @@ async def test_metrics_count_the_requests_made() -> None:
             assert sent[0].value == sum(len(body) for body in bodies)
             up = families["pibl_upstream_up"].samples
             assert {s.value for s in up} == {1.0}
+
+
+async def test_metrics_count_retries_on_another_server() -> None:
+    dead = await dead_address()
+    async with running_backends(count=1) as backends:
+        # Requests that pick the dead server first are retried on the live one, until passive
+        # health checking ejects the dead server (after max_fails = 5 failures in a row).
+        settings = make_settings([dead, backends[0].address], admin=ADMIN)
+        async with running_proxy(settings) as app:
+            for i in range(6):
+                assert (await proxy_get(app, f"/r{i}")).status == 200
+            response = await admin(app, "GET", "/metrics")
+            families = {f.name: f for f in text_string_to_metric_families(response.body.decode())}
+            retries = families["pibl_retries"].samples
+            failed_first = app.groups["app"].upstreams[0].errors
+            assert failed_first >= 1
+            assert sum(s.value for s in retries if s.name.endswith("_total")) == failed_first
 
 
 # -- authentication -------------------------------------------------------------------------------

@@ -218,8 +218,7 @@ class ProxyStats:
         route.duration.observe(record.total_time)
         route.bytes_sent += record.bytes_sent
         route.bytes_received += record.bytes_received
-        # Retries are counted when the pipeline reports them on the record (``retries``).
-        route.retries += getattr(record, "retries", 0) or 0
+        route.retries += record.retries
         if record.cache_status != "-":
             result = cache_result(record.cache_status)
             if result is not None:

@@ -420,6 +420,7 @@ class Pipeline:
                     error, head.method, response_started=response_started, body_sent=body_sent
                 ):
                     fresh_retry_used = True
+                    record.retries += 1
                     force_fresh = True
                     retry_upstream = upstream
                     log.info(
@@ -440,6 +441,7 @@ class Pipeline:
                     _note_partial(record, exchange)
                     raise
                 attempt += 1
+                record.retries += 1
                 force_fresh = False
                 log.warning("upstream %s failed (%s); retrying", upstream.key, error)
             except ClientDisconnected:
