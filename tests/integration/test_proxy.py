@@ -296,3 +296,36 @@ async def test_event_log_records_connections_at_debug_level(
     messages = [r.getMessage() for r in caplog.records if r.name == "pibl.server"]
     assert any(m.startswith("connection from 127.0.0.1:") for m in messages)
     assert any(m.startswith("connection from 127.0.0.1:") and "closed" in m for m in messages)
+
+
+async def test_expect_100_continue_body_is_never_sent_when_the_backend_refuses() -> None:
+    after_head = bytearray()
+    upstream_done = asyncio.Event()
+
+    async def refusing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        while data := await reader.read(65536):  # until PIBL closes this connection
+            after_head.extend(data)
+        writer.close()
+        upstream_done.set()
+
+    server = await asyncio.start_server(refusing, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        async with running_proxy(make_settings([Address(host, port)])) as app:
+            client = await Client.connect(app.addresses[0])
+            await client.send(
+                b"PUT /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+            )
+            response = await client.read_response()
+            assert response.status == 401
+            # The client may still send its body; PIBL must not pass it on, and closes.
+            await client.send(b"data")
+            assert await client.is_closed()
+            await client.aclose()
+            await asyncio.wait_for(upstream_done.wait(), 5)
+        assert bytes(after_head) == b""
+    finally:
+        server.close()
+        await server.wait_closed()
