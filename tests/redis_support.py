@@ -4,6 +4,10 @@ Redis cannot bind port 0, so a free port is found by binding a socket to ``127.0
 closing it; the rare collision (another process took the port in between) is detected from the
 server's own output and retried on another port. Readiness is Redis' "Ready to accept
 connections" line followed by a PING: no sleeps.
+
+``redis_cluster`` (import it into a test module) starts three cluster-enabled servers the same
+way, joins them with ``redis-cli --cluster create`` and waits, in a bounded loop, until every node
+reports ``cluster_state:ok``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
+
+import pytest
 
 READY_LINE = b"Ready to accept connections"
 START_TIMEOUT = 10.0
@@ -50,7 +58,8 @@ def ping(port: int, timeout: float = 2.0) -> bool:
 class RedisServer:
     """One ``redis-server`` process; ``start`` again after ``kill`` reuses the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: dict[str, str] | None = None) -> None:
+        self.extra = extra or {}
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.output = bytearray()
@@ -88,6 +97,9 @@ class RedisServer:
             "maxmemory-policy": "volatile-lru",
             "loglevel": "notice",  # prints the ready line
         }
+        options.update(
+            {name: value.replace("PORT", str(port)) for name, value in self.extra.items()}
+        )
         args = [binary] + [part for name, value in options.items() for part in (f"--{name}", value)]
         process = subprocess.Popen(
             args,
@@ -142,4 +154,105 @@ class RedisServer:
         self.stop()
 
 
-__all__ = ["RedisServer", "RedisUnavailable", "free_port", "ping"]
+def cluster_ok(port: int, timeout: float = 2.0) -> bool:
+    """Whether the node on ``port`` reports ``cluster_state:ok`` in CLUSTER INFO."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"*2\r\n$7\r\nCLUSTER\r\n$4\r\nINFO\r\n")
+            reply = b""
+            while b"cluster_state:" not in reply or not reply.endswith(b"\r\n"):
+                data = sock.recv(4096)
+                if not data:
+                    break
+                reply += data
+            return b"cluster_state:ok" in reply
+    except OSError:
+        return False
+
+
+class RedisClusterServers:
+    """Three ``redis-server`` primaries (no replicas) joined by ``redis-cli --cluster create``;
+    every slot is served once each node reports ``cluster_state:ok``."""
+
+    SIZE = 3
+
+    def __init__(self) -> None:
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def start(self) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RedisUnavailable("redis-cli not found (apt-get install redis-tools)")
+        for _ in range(self.SIZE):
+            # --cluster-config-file is relative to each node's own temporary --dir.
+            node = RedisServer(
+                {
+                    "cluster-enabled": "yes",
+                    "cluster-config-file": "nodes-PORT.conf",
+                    "cluster-node-timeout": "5000",
+                    "maxmemory": "64mb",
+                }
+            )
+            self.nodes.append(node)
+            node.start()  # waits for the ready line and a PING
+        created = subprocess.run(
+            [cli, "--cluster", "create"]
+            + [f"127.0.0.1:{port}" for port in self.ports]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=START_TIMEOUT * 3,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RedisUnavailable(
+                f"redis-cli --cluster create failed: {created.stdout[-2000:]!r} "
+                f"{created.stderr[-2000:]!r}"
+            )
+        deadline = time.monotonic() + START_TIMEOUT * 3
+        while not all(cluster_ok(port) for port in self.ports):  # bounded: gossip converges
+            if time.monotonic() > deadline:
+                raise RedisUnavailable("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)  # polling interval of the bounded wait above
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+    def __enter__(self) -> RedisClusterServers:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A real three-primary Redis Cluster for the session; tests keep apart by key prefix."""
+    with RedisClusterServers() as cluster:
+        yield cluster
+
+
+__all__ = [
+    "RedisClusterServers",
+    "RedisServer",
+    "RedisUnavailable",
+    "cluster_ok",
+    "free_port",
+    "ping",
+    "redis_cluster",
+]

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from fractions import Fraction
 from typing import Any, Final, Generic, TypeAlias, TypeVar
+from urllib.parse import urlsplit
 
 from pibl.balancer.upstream import Address
 from pibl.errors import ConfigError
@@ -825,9 +826,15 @@ def _non_empty(value: Any, _path: str) -> str:
 
 def _redis_url(value: Any, _path: str) -> str:
     if not isinstance(value, str) or (
-        value and not value.startswith(("redis://", "rediss://", "unix://"))
+        value
+        and not value.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        )
     ):
-        raise _expected('a "redis://", "rediss://" or "unix://" URL', value)
+        raise _expected(
+            'a "redis://", "rediss://", "unix://", "redis+cluster://" or "rediss+cluster://" URL',
+            value,
+        )
     return value
 
 
@@ -951,6 +958,18 @@ def _check_cache(cache: CacheSettings, path: str) -> None:
         raise _Invalid(_join(path, "path"), 'missing; required when storage = "disk"')
     if cache.storage == "redis" and not cache.redis_url:
         raise _Invalid(_join(path, "redis_url"), 'missing; required when storage = "redis"')
+    if cache.redis_url.startswith(("redis+cluster://", "rediss+cluster://")):
+        if "{" in cache.redis_prefix or "}" in cache.redis_prefix:
+            raise _Invalid(
+                _join(path, "redis_prefix"),
+                "must not contain { or } with a Redis Cluster URL (PIBL puts each entry's "
+                f"digest in a hash tag), got {cache.redis_prefix!r}",
+            )
+        if urlsplit(cache.redis_url).path not in ("", "/", "/0"):
+            raise _Invalid(
+                _join(path, "redis_url"),
+                f"Redis Cluster has database 0 only, got {cache.redis_url!r}",
+            )
     if cache.max_object_size > cache.max_size:
         raise _Invalid(
             _join(path, "max_object_size"),

@@ -5,7 +5,8 @@ over every implementation of a protocol). The disk storage additionally promises
 survive a restart, that a corrupt, foreign or misplaced file is never served (and is removed),
 that a full disk only costs caching, and that file names never contain any part of the URL.
 The Redis storage runs the suite against a real ``redis-server`` (one per session, a key prefix
-per test); its own tests cover chunking, TTLs, tampered entries, sharing and outages.
+per test), and again (kind ``redis-cluster``) against a real three-node Redis Cluster; its own
+tests cover chunking, TTLs, tampered entries, sharing and outages.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pibl.cache.redis import (
 )
 from pibl.cache.storage import STORAGES, CacheEntry, CacheStorage, CorruptEntry
 from pibl.config import CacheSettings
-from tests.redis_support import RedisServer, free_port
+from tests.redis_support import RedisClusterServers, RedisServer, free_port, redis_cluster
 from tests.support import wait_until
 
 MIB = 1 << 20
@@ -117,13 +118,27 @@ def files_under(root: Path) -> list[Path]:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=sorted(STORAGES))
+# The contract's kinds: every registered storage, and the Redis one on a Redis Cluster.
+KINDS = sorted([*STORAGES, "redis-cluster"])
+__all__ = ["redis_cluster"]  # the session fixture, imported for pytest
+
+
+def storage_of_kind(kind: str) -> str:
+    """The ``storage`` setting for ``kind``."""
+    return "redis" if kind == "redis-cluster" else kind
+
+
+@pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 def redis_url_for(kind: str, request: pytest.FixtureRequest) -> str:
-    """The session's redis-server URL when ``kind`` is "redis" (started on first use)."""
+    """The session's redis-server URL when ``kind`` is "redis" (started on first use), or its
+    Redis Cluster's for "redis-cluster"."""
+    if kind == "redis-cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        return cluster.url
     if kind != "redis":
         return ""
     server: RedisServer = request.getfixturevalue("redis_server")
@@ -146,14 +161,14 @@ async def make_storage(
     ) -> CacheStorage:
         config = CacheSettings(
             enabled=True,
-            storage=kind,
+            storage=storage_of_kind(kind),
             path=str(tmp_path / folder),
             max_size=max_size,
             max_object_size=max_object_size,
             redis_url=redis_url,
             redis_prefix=f"{namespace}-{folder}",
         )
-        storage = STORAGES[kind](config)
+        storage = STORAGES[storage_of_kind(kind)](config)
         await storage.start()
         started.append(storage)
         return storage
@@ -340,7 +355,8 @@ async def test_purge_by_prefix_then_everything(storage: CacheStorage) -> None:
 # Storages that enforce max_size themselves; Redis bounds its memory with maxmemory and
 # volatile-lru instead, so these two contract tests are not part of its contract.
 bounded_by_max_size = pytest.mark.parametrize(
-    "kind", sorted(name for name in STORAGES if name != "redis")
+    "kind",
+    sorted(name for name in STORAGES if name != "redis"),  # so not redis-cluster either
 )
 
 
@@ -433,12 +449,12 @@ _MODEL_VARY: list[SecondaryKey] = [(), GZIP]
 async def _check_model(kind: str, folder: str, ops: list[tuple[Any, ...]], redis_url: str) -> None:
     config = CacheSettings(
         enabled=True,
-        storage=kind,
+        storage=storage_of_kind(kind),
         path=folder,
         redis_url=redis_url,
         redis_prefix=f"model-{uuid.uuid4().hex[:12]}",
     )
-    storage = STORAGES[kind](config)
+    storage = STORAGES[storage_of_kind(kind)](config)
     await storage.start()
     model: dict[tuple[CacheKey, SecondaryKey], tuple[StoredResponse, bytes]] = {}
     pending: list[tuple[Any, StoredResponse, bytes]] = []
@@ -479,7 +495,7 @@ async def _check_model(kind: str, folder: str, ops: list[tuple[Any, ...]], redis
         assert tmp_files(Path(folder)) == []
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGES))
+@pytest.mark.parametrize("kind", KINDS)
 @settings(
     max_examples=75,
     deadline=None,

@@ -37,8 +37,16 @@ lookups miss, writes are dropped and deletions/purges are queued and replayed on
 (before lookups resume), so a cache outage only costs caching, never a client's request.
 
 Reads are ``HGETALL`` + one ``MGET`` of every variant's chunks (``CacheEntry.read_body`` is
-synchronous, so bodies are fetched at lookup); a commit is one pipelined round trip. Scripts name
-keys they compute: standalone Redis (or a single primary behind a proxy), not Redis Cluster.
+synchronous, so bodies are fetched at lookup); a commit is one pipelined round trip.
+
+**Redis Cluster** (``redis+cluster://`` or ``rediss+cluster://`` URLs, see ``CLUSTER_SCHEMES``):
+an entry's keys carry its digest as a hash tag, ``P:k:{<digest>}`` and
+``P:c:{<digest>}:<write id>:<i>``, so that every key a script touches (or computes: chunk names)
+is in the entry's slot. ``P:index`` and ``P:bytes`` cannot be: in cluster mode scripts get the
+hash key alone, report the change they made to the entry and byte counts, and the caller applies
+it to the ``P:counts`` hash with separate commands (not atomic with the change). There is no
+sweep: entries expire by their TTLs alone, and the counts, which nothing decrements on expiry or
+eviction, are an upper bound. Purges SCAN every primary.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -94,24 +103,51 @@ SCAN_BATCH = 500
 
 RECORD_MAGIC = b"PIBLR1"
 
+# ``redis_url`` schemes that select Redis Cluster (startup node from the URL).
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+# A ``redis.asyncio.Redis`` or a ``RedisCluster``: the commands PIBL uses exist on both.
+_Client = Any
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
 # Lost connections and timeouts: Redis is down or too slow. Other RedisErrors (a refused write
 # when Redis is out of memory, a read-only replica) cost the one operation.
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 _COMMON_LUA = """
 local prefix = ARGV[1]
+-- Standalone: KEYS = index, bytes[, hash]. Cluster: KEYS = hash alone (the global index and byte
+-- count live in other slots): changes are counted in `delta` and applied by the caller.
+local INDEX, BYTES, HASH = KEYS[1], KEYS[2], KEYS[3]
+if #KEYS == 1 then INDEX, BYTES, HASH = nil, nil, KEYS[1] end
+local delta = {0, 0}
 local function parse(record)
   return string.match(record, '^PIBLR1 (%x+) (%d+) (%d+) (%d+)\\n')
 end
 local function chunk(digest, wid, i)
+  if not INDEX then return prefix .. ':c:{' .. digest .. '}:' .. wid .. ':' .. i end
   return prefix .. ':c:' .. digest .. ':' .. wid .. ':' .. i
 end
 local function member(digest, variant, wid, n, cost)
   return digest .. ':' .. variant .. ':' .. wid .. ':' .. n .. ':' .. cost
 end
 local function unindex(digest, variant, wid, n, cost)
-  if redis.call('ZREM', KEYS[1], member(digest, variant, wid, n, cost)) == 1 then
-    redis.call('DECRBY', KEYS[2], cost)
+  if not INDEX then
+    delta[1], delta[2] = delta[1] - 1, delta[2] - tonumber(cost)
+  elseif redis.call('ZREM', INDEX, member(digest, variant, wid, n, cost)) == 1 then
+    redis.call('DECRBY', BYTES, cost)
+  end
+end
+local function index(digest, variant, wid, n, cost, expires)
+  if not INDEX then
+    delta[1], delta[2] = delta[1] + 1, delta[2] + tonumber(cost)
+  else
+    redis.call('ZADD', INDEX, expires, member(digest, variant, wid, n, cost))
+    redis.call('INCRBY', BYTES, cost)
   end
 end
 local function drop_chunks(digest, wid, n, grace)
@@ -130,8 +166,10 @@ local function forget(digest, variant, record, grace)
   unindex(digest, variant, wid, n, cost)
   drop_chunks(digest, wid, n, grace)
 end
+-- {entries, bytes} standalone; cluster: {entry delta, byte delta} of this call.
 local function totals()
-  return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+  if not INDEX then return delta end
+  return {redis.call('ZCARD', INDEX), tonumber(redis.call('GET', BYTES) or '0')}
 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -156,7 +194,7 @@ for i = 0, n - 1 do
     return {0, t[1], t[2]}
   end
 end
-local old = redis.call('HGET', KEYS[3], variant)
+local old = redis.call('HGET', HASH, variant)
 if expect ~= '' and (not old or parse(old) ~= expect) then
   -- a refresh applies only to the write it was read from, and never revives a deleted entry
   local t = totals()
@@ -171,10 +209,9 @@ if old then
     forget(digest, variant, old, grace)
   end
 end
-redis.call('HSET', KEYS[3], variant, record)
-if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
-redis.call('ZADD', KEYS[1], now_ms() + ttl, member(digest, variant, wid, n, cost))
-redis.call('INCRBY', KEYS[2], cost)
+redis.call('HSET', HASH, variant, record)
+if redis.call('PTTL', HASH) < ttl then redis.call('PEXPIRE', HASH, ttl) end
+index(digest, variant, wid, n, cost, now_ms() + ttl)
 local t = totals()
 return {1, t[1], t[2]}
 """
@@ -185,8 +222,8 @@ return {1, t[1], t[2]}
 _DROP_LUA = (
     _COMMON_LUA
     + """
-if redis.call('HGET', KEYS[3], ARGV[3]) == ARGV[4] then
-  redis.call('HDEL', KEYS[3], ARGV[3])
+if redis.call('HGET', HASH, ARGV[3]) == ARGV[4] then
+  redis.call('HDEL', HASH, ARGV[3])
   forget(ARGV[2], ARGV[3], ARGV[4], 0)
 end
 return totals()
@@ -197,9 +234,9 @@ return totals()
 _DELETE_LUA = (
     _COMMON_LUA
     + """
-local fields = redis.call('HGETALL', KEYS[3])
+local fields = redis.call('HGETALL', HASH)
 for i = 1, #fields, 2 do forget(ARGV[2], fields[i], fields[i + 1], 0) end
-redis.call('DEL', KEYS[3])
+redis.call('DEL', HASH)
 local t = totals()
 return {#fields / 2, t[1], t[2]}
 """
@@ -210,7 +247,7 @@ _SWEEP_LUA = (
     _COMMON_LUA
     + """
 local limit = tonumber(ARGV[2])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, limit)
+local expired = redis.call('ZRANGEBYSCORE', INDEX, '-inf', now_ms(), 'LIMIT', 0, limit)
 for _, m in ipairs(expired) do
   local digest, variant, wid, n, cost = string.match(m, '^(%x+):(%x+):(%x+):(%d+):(%d+)$')
   if digest then
@@ -222,7 +259,7 @@ for _, m in ipairs(expired) do
     end
     drop_chunks(digest, wid, n, 0)
   else
-    redis.call('ZREM', KEYS[1], m)
+    redis.call('ZREM', INDEX, m)
   end
 end
 local t = totals()
@@ -397,7 +434,8 @@ class RedisStorage:
         self._down_logged = False
         self._complained = False
         self._closed = False
-        self._client: aioredis.Redis | None = None
+        self.cluster = is_cluster_url(url)
+        self._client: _Client | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -409,24 +447,34 @@ class RedisStorage:
         self._pending_all = False
         self.index_key = f"{prefix}:index"
         self.bytes_key = f"{prefix}:bytes"
+        # Cluster only: a hash {entries, bytes} updated after each change (see the docstring).
+        self.counts_key = f"{prefix}:counts"
 
     # -- names -----------------------------------------------------------------------------------
     def hash_key(self, digest: str) -> str:
+        if self.cluster:  # hash tag: an entry's keys share one slot
+            return f"{self.prefix}:k:{{{digest}}}"
         return f"{self.prefix}:k:{digest}"
 
     def chunk_key(self, digest: str, wid: str, index: int) -> str:
+        if self.cluster:
+            return f"{self.prefix}:c:{{{digest}}}:{wid}:{index}"
         return f"{self.prefix}:c:{digest}:{wid}:{index}"
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self._wake = asyncio.Event()
-        client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.timeout,
-            socket_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),  # a failure is reported at once, never retried slowly
-            client_name="pibl",
-        )
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self.timeout,
+            "socket_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),  # a failure is reported at once, never retried slowly
+            "client_name": "pibl",
+        }
+        client: _Client
+        if self.cluster:
+            client = RedisCluster.from_url(self.url.replace("+cluster://", "://", 1), **options)
+        else:
+            client = aioredis.Redis.from_url(self.url, **options)
         self._client = client
         for name, source in (
             ("drop", _DROP_LUA),
@@ -493,7 +541,7 @@ class RedisStorage:
         except (RedisError, *_OUTAGE_ERRORS) as error:
             self._failed(error, epoch)
             return
-        self._set_totals(results[-1][1:])
+        await self._count(results[-1][1:])
 
     async def update(self, entry: CacheEntry, meta: StoredResponse) -> None:
         """Refresh ``entry`` with ``meta`` (after a 304): a new record over the same chunks."""
@@ -519,7 +567,7 @@ class RedisStorage:
         except (RedisError, *_OUTAGE_ERRORS) as error:
             self._failed(error, epoch)
             return
-        self._set_totals(results[-1][1:])
+        await self._count(results[-1][1:])
 
     async def delete(self, key: CacheKey) -> int:
         if not self.available or self._client is None:
@@ -560,7 +608,7 @@ class RedisStorage:
         )
 
     # -- Redis I/O -------------------------------------------------------------------------------
-    async def _lookup(self, client: aioredis.Redis, key: CacheKey) -> list[CacheEntry]:
+    async def _lookup(self, client: _Client, key: CacheKey) -> list[CacheEntry]:
         digest = key.digest()
         fields = await client.hgetall(self.hash_key(digest))
         if not fields:
@@ -602,7 +650,7 @@ class RedisStorage:
             result = await self._scripts["drop"](
                 keys=self._script_keys(digest), args=[self.prefix, digest, variant, data]
             )
-            self._set_totals(result)
+            await self._count(result)
         return entries
 
     def _install(
@@ -618,10 +666,11 @@ class RedisStorage:
         expect: str,
     ) -> None:
         record = encode_record(wid, size, meta.to_bytes())
+        keys = self._script_keys(digest)
         pipe.eval(
             _INSTALL_LUA,
-            3,
-            *self._script_keys(digest),
+            len(keys),
+            *keys,
             self.prefix,
             digest,
             variant_name(meta),
@@ -633,21 +682,42 @@ class RedisStorage:
         )
 
     def _script_keys(self, digest: str) -> list[str]:
+        if self.cluster:  # scripts touch one slot: the entry's
+            return [self.hash_key(digest)]
         return [self.index_key, self.bytes_key, self.hash_key(digest)]
+
+    async def _count(self, totals: Sequence[Any]) -> None:
+        """Standalone: ``totals`` are the cache's (entries, bytes). Cluster: a script's changes
+        to them, applied to the counts hash by separate, non-atomic commands."""
+        if not self.cluster:
+            self._set_totals(totals)
+            return
+        delta_entries, delta_bytes = int(totals[0]), int(totals[1])
+        if not delta_entries and not delta_bytes:
+            return
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hincrby(self.counts_key, "entries", delta_entries)
+        pipe.hincrby(self.counts_key, "bytes", delta_bytes)
+        self._set_totals(await pipe.execute())
 
     async def _delete(self, digest: str) -> int:
         result = await self._scripts["delete"](
             keys=self._script_keys(digest), args=[self.prefix, digest]
         )
-        self._set_totals(result[1:])
+        await self._count(result[1:])
         return int(result[0])
 
-    async def _purge(self, client: aioredis.Redis, prefix: str | None) -> int:
-        """Every entry whose URL starts with ``prefix`` (all when None), found by SCAN."""
+    async def _purge(self, client: _Client, prefix: str | None) -> int:
+        """Every entry whose URL starts with ``prefix`` (all when None), found by SCAN (of every
+        primary in a cluster)."""
         removed = 0
         pattern = _glob_escape(self.prefix) + ":k:*"
         batch: list[bytes] = []
-        async for name in client.scan_iter(match=pattern, count=SCAN_BATCH):
+        scan: dict[str, Any] = {"match": pattern, "count": SCAN_BATCH}
+        if self.cluster:
+            scan["target_nodes"] = RedisCluster.PRIMARIES
+        async for name in client.scan_iter(**scan):
             batch.append(_as_bytes(name))
             if len(batch) >= SCAN_BATCH:
                 removed += await self._purge_batch(client, batch, prefix)
@@ -656,10 +726,10 @@ class RedisStorage:
             removed += await self._purge_batch(client, batch, prefix)
         return removed
 
-    async def _purge_batch(
-        self, client: aioredis.Redis, names: list[bytes], prefix: str | None
-    ) -> int:
-        digests = [name.rsplit(b":", 1)[1].decode("ascii", "replace") for name in names]
+    async def _purge_batch(self, client: _Client, names: list[bytes], prefix: str | None) -> int:
+        digests = [
+            name.rsplit(b":", 1)[1].strip(b"{}").decode("ascii", "replace") for name in names
+        ]
         if prefix is not None:
             pipe = client.pipeline(transaction=False)
             for name in names:
@@ -681,6 +751,10 @@ class RedisStorage:
             return
         epoch = self._epoch
         try:
+            if self.cluster:  # no global index: Redis' TTLs alone expire entries
+                counts = await self._client.hmget(self.counts_key, ["entries", "bytes"])
+                self._set_totals([int(value or 0) for value in counts])
+                return
             for _ in range(10):  # at most 10 batches per tick
                 result = await self._scripts["sweep"](
                     keys=[self.index_key, self.bytes_key], args=[self.prefix, SWEEP_BATCH]
@@ -694,10 +768,15 @@ class RedisStorage:
     async def _check_memory_policy(self) -> None:
         assert self._client is not None
         try:
-            info = await self._client.info("memory")
+            if self.cluster:
+                per_node = await self._client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+                single = "maxmemory" in per_node  # one primary: its INFO, not a dict of them
+                infos = [per_node] if single else list(per_node.values())
+            else:
+                infos = [await self._client.info("memory")]
         except (RedisError, *_OUTAGE_ERRORS):
             return  # INFO may be disabled (managed Redis): not ours to check then
-        if not info.get("maxmemory"):
+        if not all(isinstance(info, dict) and info.get("maxmemory") for info in infos):
             log.warning(
                 "redis at %s has no maxmemory: cache entries are bounded only by their TTLs; "
                 "set maxmemory and maxmemory-policy volatile-lru",
@@ -754,7 +833,7 @@ class RedisStorage:
             self._pending_keys.clear()
             self._pending_prefixes.clear()
 
-    async def _replay(self, client: aioredis.Redis) -> None:
+    async def _replay(self, client: _Client) -> None:
         """Apply the invalidations queued during the outage (each forgotten once done)."""
         if self._pending_all:
             await self._purge(client, None)
@@ -795,7 +874,8 @@ class RedisStorage:
             return False
         try:
             # Connections that died with the server would fail their next command.
-            await client.connection_pool.disconnect()
+            if not self.cluster:  # RedisCluster replaces broken connections itself
+                await client.connection_pool.disconnect()
             await client.ping()
             await self._replay(client)  # before lookups resume: nothing purged is served
         except (RedisError, *_OUTAGE_ERRORS):
