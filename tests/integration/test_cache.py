@@ -373,3 +373,24 @@ async def test_route_with_cache_off_bypasses_the_cache() -> None:
     assert live[0].header("Cache-Status") is None
     assert live[1].body == b"2 /live/x"
     assert (other.header("Cache-Status") or "").startswith("pibl; hit")
+
+
+async def test_pipelined_hits_and_misses_are_answered_in_order() -> None:
+    # A hit queued behind a miss waits its turn.
+    handler, seen = counting([(b"Cache-Control", b"max-age=600")])
+    async with running_backends(handler) as backends, running_proxy(cached(backends)) as app:
+        await request(app.addresses[0], "GET", "/hot")
+        client = await Client.connect(app.addresses[0])
+        await client.send(
+            b"GET /hot HTTP/1.1\r\nHost: test.local\r\n\r\n"
+            b"GET /cold HTTP/1.1\r\nHost: test.local\r\n\r\n"
+            b"GET /hot HTTP/1.1\r\nHost: test.local\r\n\r\n"
+        )
+        answers = [await client.read_response() for _ in range(3)]
+        head = await client.request("HEAD", "/hot")
+        await client.aclose()
+    assert [r.body for r in answers] == [b"1 /hot", b"2 /cold", b"1 /hot"]
+    statuses = [(r.header("Cache-Status") or "").split(";")[1].strip() for r in answers]
+    assert statuses == ["hit", "fwd=uri-miss", "hit"]
+    assert head.header("Content-Length") == "6"
+    assert len(seen) == 2
