@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from pibl.balancer.upstream import Address
 from pibl.cache.policy import format_http_date
 from tests.support import (
@@ -393,4 +395,29 @@ async def test_pipelined_hits_and_misses_are_answered_in_order() -> None:
     statuses = [(r.header("Cache-Status") or "").split(";")[1].strip() for r in answers]
     assert statuses == ["hit", "fwd=uri-miss", "hit"]
     assert head.header("Content-Length") == "6"
+    assert len(seen) == 2
+
+
+async def test_entry_failing_its_checks_at_serve_time_is_dropped_and_fetched_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pibl.cache.memory import MemoryEntry
+    from pibl.cache.storage import CorruptEntry
+
+    handler, seen = counting([(b"Cache-Control", b"max-age=600")])
+    async with running_backends(handler) as backends, running_proxy(cached(backends)) as app:
+        await request(app.addresses[0], "GET", "/c")
+
+        def corrupt(self: MemoryEntry) -> bytes:
+            raise CorruptEntry("simulated damage")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MemoryEntry, "read_body", corrupt)
+            response = await request(app.addresses[0], "GET", "/c")
+        again = await request(app.addresses[0], "GET", "/c")
+    # Nothing of the damaged entry went out: the request was fetched and stored anew.
+    assert response.status == 200
+    assert response.body == b"2 /c"
+    assert response.header("Cache-Status") == "pibl; fwd=uri-miss; stored"
+    assert again.body == b"2 /c"
     assert len(seen) == 2

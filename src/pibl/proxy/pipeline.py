@@ -20,12 +20,13 @@ from pibl.cache.key import make_key
 from pibl.cache.policy import (
     SAFE_METHODS,
     Action,
+    StoredResponse,
     cache_status,
     invalidation_targets,
     only_if_cached,
     stale_if_error_allowed,
 )
-from pibl.cache.storage import CorruptEntry
+from pibl.cache.storage import CacheEntry, CorruptEntry
 from pibl.errors import (
     ClientDisconnected,
     NoUpstreamAvailable,
@@ -68,6 +69,27 @@ class GatewayTimeoutFromCache(PiblError):
 ResponseFilterFn = Callable[[ResponseHead], ResponsePlan]
 
 
+class Transaction:
+    """One request on its way through the phases: where it came from, where it goes, and the
+    record the log phase writes."""
+
+    __slots__ = ("cycle", "down", "head", "record", "route")
+
+    def __init__(
+        self,
+        down: DownstreamConnection,
+        cycle: RequestCycle,
+        head: RequestHead,
+        route: Route[UpstreamGroup],
+        record: AccessRecord,
+    ) -> None:
+        self.down = down
+        self.cycle = cycle
+        self.head = head
+        self.route = route
+        self.record = record
+
+
 class Pipeline:
     def __init__(
         self,
@@ -104,11 +126,11 @@ class Pipeline:
             record.route = route.name
             if route.max_body_size and (head.content_length or 0) > route.max_body_size:
                 raise ProtocolError("request body too large", 413)  # before forwarding
+            tx = Transaction(down, cycle, head, route, record)
             if self.cache is not None and route.cache:
-                keep_open = await self._through_cache(down, cycle, head, route, record)
+                keep_open = await self._through_cache(tx)
             else:
-                exchange = await self._forward(down, cycle, head, route, record)
-                keep_open = self._finished(exchange, head, cycle, record)
+                keep_open = self._finished(await self._forward(tx), tx)
         except PiblError as error:
             keep_open = self._answer_error(down, cycle, record, error)
         except Exception as error:
@@ -125,25 +147,23 @@ class Pipeline:
         return keep_open
 
     @staticmethod
-    def _finished(
-        exchange: Exchange, head: RequestHead, cycle: RequestCycle, record: AccessRecord
+    def _finished(exchange: Exchange, tx: Transaction) -> bool:
+        tx.record.status = exchange.response.status if exchange.response else 0
+        return exchange.keep_downstream and tx.head.keep_alive and tx.cycle.body_done
+
+    @staticmethod
+    def _serve(
+        tx: Transaction, cache: HttpCache, entry: CacheEntry, meta: StoredResponse, status: bytes
     ) -> bool:
-        record.status = exchange.response.status if exchange.response else 0
-        return exchange.keep_downstream and head.keep_alive and cycle.body_done
+        return cache.serve(tx.down, tx.cycle, tx.head, entry, meta, tx.record, status)
 
     # -- phase 3: cache lookup, and what follows from it ---------------------------------------
-    async def _through_cache(
-        self,
-        down: DownstreamConnection,
-        cycle: RequestCycle,
-        head: RequestHead,
-        route: Route[UpstreamGroup],
-        record: AccessRecord,
-    ) -> bool:
+    async def _through_cache(self, tx: Transaction) -> bool:
         cache = self.cache
         assert cache is not None
+        head = tx.head
         if head.method not in CACHEABLE_METHODS:
-            return await self._forward_unsafe(down, cycle, head, route, record, cache)
+            return await self._forward_unsafe(tx, cache)
         lookup = await cache.lookup(head)
         leader = False
         while lookup.entry is None and not only_if_cached(head):
@@ -158,56 +178,42 @@ class Pipeline:
                 leader = cache.lead_fetch(lookup.key) is None
                 break
         try:
-            return await self._after_lookup(down, cycle, head, route, record, cache, lookup)
+            try:
+                return await self._after_lookup(tx, cache, lookup)
+            except CorruptEntry as error:
+                # Raised before anything was written: drop the entry, fetch it like a miss.
+                log.warning("dropping corrupt cache entry: %s", error)
+                await cache.storage.delete(lookup.key)
+                cache.misses += 1
+                return await self._fetch(tx, cache, Lookup(lookup.key, time.time()))
         finally:
             if leader:
                 cache.end_fetch(lookup.key)
 
-    async def _after_lookup(
-        self,
-        down: DownstreamConnection,
-        cycle: RequestCycle,
-        head: RequestHead,
-        route: Route[UpstreamGroup],
-        record: AccessRecord,
-        cache: HttpCache,
-        lookup: Lookup,
-    ) -> bool:
+    async def _after_lookup(self, tx: Transaction, cache: HttpCache, lookup: Lookup) -> bool:
+        head = tx.head
         entry, decision = lookup.entry, lookup.decision
         if entry is not None and decision is not None:
             if decision.action is Action.FRESH:
                 cache.hits += 1
-                status = cache_status(True, ttl=decision.ttl)
-                try:
-                    return cache.serve(down, cycle, head, entry, entry.meta, record, status)
-                except CorruptEntry as error:
-                    log.warning("dropping corrupt cache entry: %s", error)
-                    await cache.storage.delete(lookup.key)
-                    lookup.entry = None
-                    lookup.fwd = "uri-miss"
-            elif decision.action is Action.STALE_WHILE_REVALIDATE:
+                return self._serve(
+                    tx, cache, entry, entry.meta, cache_status(True, ttl=decision.ttl)
+                )
+            if decision.action is Action.STALE_WHILE_REVALIDATE:
                 cache.stale += 1
-                self._revalidate_in_background(down, head, route, lookup)
+                self._revalidate_in_background(tx, lookup)
                 status = cache_status(True, ttl=decision.ttl, detail="stale-while-revalidate")
-                return cache.serve(down, cycle, head, entry, entry.meta, record, status)
-            elif decision.gateway_timeout:
+                return self._serve(tx, cache, entry, entry.meta, status)
+            if decision.gateway_timeout:
                 raise GatewayTimeoutFromCache("only-if-cached and the stored response is stale")
         elif only_if_cached(head):
             raise GatewayTimeoutFromCache("only-if-cached and nothing is stored")
         cache.misses += 1
-        return await self._fetch(down, cycle, head, route, record, cache, lookup)
+        return await self._fetch(tx, cache, lookup)
 
-    async def _fetch(
-        self,
-        down: DownstreamConnection,
-        cycle: RequestCycle,
-        head: RequestHead,
-        route: Route[UpstreamGroup],
-        record: AccessRecord,
-        cache: HttpCache,
-        lookup: Lookup,
-    ) -> bool:
+    async def _fetch(self, tx: Transaction, cache: HttpCache, lookup: Lookup) -> bool:
         """Forward a GET/HEAD that the cache could not answer; store or refresh on the way."""
+        head = tx.head
         entry = lookup.entry
         revalidate = (
             entry is not None
@@ -220,23 +226,21 @@ class Pipeline:
             cache,
             head,
             lookup,
-            record,
+            tx.record,
             fwd=lookup.fwd,
             revalidating=revalidate,
             serve_stale_on_error=stale_ok,
         )
         try:
-            exchange = await self._forward(
-                down, cycle, head, route, record, upstream_head, response_filter
-            )
+            exchange = await self._forward(tx, upstream_head, response_filter)
         except (UpstreamError, NoUpstreamAvailable):
             if (
                 entry is not None
-                and not cycle.response_started
+                and not tx.cycle.response_started
                 and stale_if_error_allowed(entry.meta, head, time.time(), disconnected=True)
             ):
                 status = cache_status(True, fwd="stale", detail="stale-if-error")
-                return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+                return self._serve(tx, cache, entry, entry.meta, status)
             raise
         response = exchange.response
         if exchange.writer is not None:
@@ -246,55 +250,40 @@ class Pipeline:
                 raise UpstreamProtocolError("a 304 that matches no stored response")
             log.info("304 for %s matches no stored response; fetching it again", lookup.key.url)
             plain = _without_revalidation(lookup)
-            return await self._fetch(down, cycle, head, route, record, cache, plain)
+            return await self._fetch(tx, cache, plain)
         if response_filter.intercepted and entry is not None and response is not None:
             if response.status == 304:
                 meta = await cache.refresh(
                     entry, response, lookup.request_time, response_filter.response_time
                 )
                 status = cache_status(False, fwd="stale", fwd_status=304)
-                return cache.serve(down, cycle, head, entry, meta, record, status)
+                return self._serve(tx, cache, entry, meta, status)
             status = cache_status(
                 True, fwd="stale", fwd_status=response.status, detail="stale-if-error"
             )
-            return cache.serve(down, cycle, head, entry, entry.meta, record, status)
+            return self._serve(tx, cache, entry, entry.meta, status)
         if entry is not None and response is not None and _is_head_200(head, response):
             # §4.3.5: a 200 to HEAD freshens (or invalidates) the stored GET response
             await cache.update_from_head(
                 lookup.key, entry, response, lookup.request_time, response_filter.response_time
             )
-        return self._finished(exchange, head, cycle, record)
+        return self._finished(exchange, tx)
 
-    async def _forward_unsafe(
-        self,
-        down: DownstreamConnection,
-        cycle: RequestCycle,
-        head: RequestHead,
-        route: Route[UpstreamGroup],
-        record: AccessRecord,
-        cache: HttpCache,
-    ) -> bool:
+    async def _forward_unsafe(self, tx: Transaction, cache: HttpCache) -> bool:
+        head = tx.head
         # A POST response may be stored for later GETs (RFC 9110 §9.3.3), hence a key.
         lookup = Lookup(make_key(head), time.time())
-        response_filter = ResponseFilter(cache, head, lookup, record, fwd="method")
+        response_filter = ResponseFilter(cache, head, lookup, tx.record, fwd="method")
         upstream_head = cache.upstream_request(head, None)
-        exchange = await self._forward(
-            down, cycle, head, route, record, upstream_head, response_filter
-        )
+        exchange = await self._forward(tx, upstream_head, response_filter)
         if exchange.response is not None and head.method not in SAFE_METHODS:
             # §4.4: a successful unsafe request invalidates what is stored for its target.
             await cache.invalidate(invalidation_targets(head, exchange.response, lookup.key))
         if exchange.writer is not None:
             await exchange.writer.commit()  # after the invalidation, which it survives
-        return self._finished(exchange, head, cycle, record)
+        return self._finished(exchange, tx)
 
-    def _revalidate_in_background(
-        self,
-        down: DownstreamConnection,
-        head: RequestHead,
-        route: Route[UpstreamGroup],
-        lookup: Lookup,
-    ) -> None:
+    def _revalidate_in_background(self, tx: Transaction, lookup: Lookup) -> None:
         """RFC 5861 §3: refresh a stale entry while the stale one is being served."""
         from pibl.server.downstream import DownstreamConnection, RequestCycle
 
@@ -303,10 +292,10 @@ class Pipeline:
         if cache is None or entry is None or cache.lead_fetch(lookup.key) is not None:
             return  # someone is already fetching this URL
         # A connection with no socket behind it: the response is only for the cache.
-        sink = DownstreamConnection(down.app)
-        sink.client_ip = down.client_ip
-        plain = head.with_headers(
-            [(n, v) for n, v in head.headers if n.lower() not in _CLIENT_CONDITIONALS]
+        sink = DownstreamConnection(tx.down.app)
+        sink.client_ip = tx.down.client_ip
+        plain = tx.head.with_headers(
+            [(n, v) for n, v in tx.head.headers if n.lower() not in _CLIENT_CONDITIONALS]
         )
         plain.method = "GET"
         cycle = RequestCycle(plain)
@@ -318,10 +307,9 @@ class Pipeline:
         async def run() -> None:
             record = AccessRecord()
             record.client_addr = "-"
+            background = Transaction(sink, cycle, plain, tx.route, record)
             try:
-                await self._fetch(
-                    sink, cycle, plain, route, record, cache, _as_revalidation(background_lookup)
-                )
+                await self._fetch(background, cache, _as_revalidation(background_lookup))
             except PiblError as error:
                 log.info("background revalidation of %s failed: %s", lookup.key.url, error)
             finally:
@@ -334,14 +322,11 @@ class Pipeline:
     # -- phases 4 to 9, 11: select, acquire, rewrite, exchange, release ------------------------
     async def _forward(
         self,
-        down: DownstreamConnection,
-        cycle: RequestCycle,
-        head: RequestHead,
-        route: Route[UpstreamGroup],
-        record: AccessRecord,
+        tx: Transaction,
         upstream_head: RequestHead | None = None,
         response_filter: ResponseFilterFn | None = None,
     ) -> Exchange:
+        down, cycle, head, route, record = tx.down, tx.cycle, tx.head, tx.route, tx.record
         group = route.target
         sent_head = upstream_head or head
         # The route's rewrites, prepared once for every attempt (none: nothing to do).
