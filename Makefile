@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test lint typecheck unit bench cache-tests clean system-deps
 
-$(STAMP): pyproject.toml
+# The install compiles the hot-path modules in place (mypyc, about a minute; setup.py), so it
+# is redone whenever a source changes. PIBL_COMPILE=0 make ... installs pure Python instead.
+SOURCES := $(shell find src/pibl -name '*.py')
+
+$(STAMP): pyproject.toml setup.py $(SOURCES)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "PIBL needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -22,8 +26,8 @@ demo: install
 	$(BIN)/pibl demo
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check setup.py src tests bench
+	$(BIN)/ruff format --check setup.py src tests bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -46,6 +50,7 @@ test: lint typecheck system-deps
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find src -name '*.so' -delete
 
 # PIBL against nginx and HAProxy: installs wrk, nginx, haproxy (apt-get) and the bench extra.
 # About 15 min; shorter: make bench BENCH_DURATION=2 BENCH_ROUNDS=1. Profile: BENCH_ARGS=--profile

@@ -1,12 +1,33 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
+import pibl
 from tests.redis_support import RedisServer
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # The hot-path modules are compiled in place (setup.py). A module compiled before its source
+    # (or a source it depends on) last changed would test old code: say so instead.
+    package = Path(pibl.__file__).parent
+    compiled = list(package.rglob("*.so"))
+    if not compiled:
+        return  # pure Python (PIBL_COMPILE=0)
+    built = min(path.stat().st_mtime for path in compiled)
+    newer = sorted(
+        str(p.relative_to(package)) for p in package.rglob("*.py") if p.stat().st_mtime > built
+    )
+    if newer:
+        pytest.exit(
+            f"the compiled modules are older than {', '.join(newer[:3])}: run `make install` "
+            "(or delete src/pibl/**/*.so to test as pure Python)",
+            returncode=2,
+        )
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:

@@ -18,7 +18,9 @@ import math
 import os
 import re
 import time
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol
+
+from pibl.errors import caused_by
 
 __all__ = [
     "FORMATS",
@@ -334,7 +336,6 @@ FORMATS: dict[str, Formatter] = {"combined": format_combined, "json": format_jso
 # --- writers -------------------------------------------------------------------------------
 
 
-@runtime_checkable
 class AccessLogger(Protocol):
     """What the pipeline and the server need from an access log."""
 
@@ -373,15 +374,17 @@ class AccessLog:
     cache. Use it from the event-loop thread only (it is not thread-safe).
     """
 
-    BUFFER_LIMIT = 64 * 1024
-    FLUSH_INTERVAL = 0.05
+    BUFFER_LIMIT: ClassVar[int] = 64 * 1024
+    FLUSH_INTERVAL: ClassVar[float] = 0.05
 
     def __init__(self, path: str, format: str = "combined") -> None:
         try:
             self._formatter: Formatter = FORMATS[format]
         except KeyError:
             known = ", ".join(sorted(FORMATS))
-            raise ValueError(f"unknown access log format {format!r} (known: {known})") from None
+            raise caused_by(  # noqa: B904 (caused_by)
+                ValueError(f"unknown access log format {format!r} (known: {known})"), None
+            )
         self.path = path
         self.format = format
         self.dropped_lines = 0

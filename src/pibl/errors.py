@@ -6,10 +6,20 @@ I/O boundary, so that the pipeline decides on one closed set of cases.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from pibl.balancer.upstream import Upstream
+
+E = TypeVar("E", bound=BaseException)
+
+
+def caused_by(error: E, cause: BaseException | None) -> E:
+    """``error`` with ``cause`` as its ``__cause__``: ``raise caused_by(X, err)`` instead of
+    ``raise X from err``, whose ``from`` clause mypyc (which compiles the hot-path modules)
+    drops. A ``None`` cause hides the context, as ``from None`` does."""
+    error.__cause__ = cause
+    return error
 
 
 class PiblError(Exception):

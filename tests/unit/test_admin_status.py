@@ -36,13 +36,18 @@ class Checks:
     history: tuple[int, ...] = ()  # not a scalar: left out
 
 
-class RicherUpstream(Upstream):
+class RicherUpstream(BareUpstream):
     """Fields another balancer version might add, under names this module does not know."""
 
-    __slots__ = ("flaps", "note")
+    __slots__ = ("drained", "flaps", "note")
 
     def __init__(self) -> None:
-        super().__init__(Address("127.0.0.1", 2))
+        super().__init__()
+        self.key = "127.0.0.1:2"
+        self.weight = 1
+        self.in_flight = self.requests = self.errors = 0
+        self.is_available = True
+        self.drained = False
         self.flaps = 3
         self.note = "maintenance window"
 
@@ -66,6 +71,19 @@ def test_health_fields_pick_up_new_attributes_and_state_objects() -> None:
     assert fields["flaps"] == 3
     assert fields["note"] == "maintenance window"
     assert fields["score"] is None
+    for core in ("weight", "in_flight", "requests", "errors", "drained", "key", "address"):
+        assert core not in fields
+
+
+def test_health_fields_of_the_real_upstream_include_its_properties() -> None:
+    # Upstream is compiled (mypyc): its attributes and properties are getset descriptors, not
+    # slots or Python properties, and must still be found.
+    upstream = Upstream(Address("127.0.0.1", 2))
+    fields = health_fields(upstream)
+    assert fields["is_ejected"] is False
+    assert fields["ejected_until"] is None
+    assert fields["consecutive_failures"] == 0
+    assert fields["health"]["is_up"] is True
     for core in ("weight", "in_flight", "requests", "errors", "drained", "key", "address"):
         assert core not in fields
 

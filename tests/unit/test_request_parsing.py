@@ -168,6 +168,9 @@ class Harness:
         self.app = FakeApp(ServerSettings(**limits))
         self.transport = FakeTransport()
         self.conn = DownstreamConnection(self.app)  # type: ignore[arg-type]
+        # The recording stand-in answers through the connection's handler hook: the
+        # compiled connection only calls a real Pipeline through app.pipeline.
+        self.conn.handler = self.app.pipeline.handle
         self.transport.protocol = self.conn
         self.conn.connection_made(self.transport)  # type: ignore[arg-type]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -108,13 +109,18 @@ def _json_scalar(value: Any) -> Any:
     return value
 
 
+# How a class exposes its attributes: properties, slots (member descriptors) and, in classes
+# compiled by mypyc, attributes and properties alike (getset descriptors).
+_ATTRIBUTE_KINDS = (property, types.MemberDescriptorType, types.GetSetDescriptorType)
+
+
 def _scalars(obj: Any) -> dict[str, Any]:
     """The public scalar attributes of ``obj``: slots, ``__dict__`` entries and properties."""
     names: set[str] = set(getattr(obj, "__dict__", {}))
     for cls in type(obj).__mro__:
         slots = cls.__dict__.get("__slots__", ())
         names.update([slots] if isinstance(slots, str) else slots)
-        names.update(name for name, attr in vars(cls).items() if isinstance(attr, property))
+        names.update(name for name, attr in vars(cls).items() if isinstance(attr, _ATTRIBUTE_KINDS))
     result: dict[str, Any] = {}
     for name in sorted(names):
         if name.startswith("_"):

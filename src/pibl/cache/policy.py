@@ -62,6 +62,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 from pibl.cache.key import CacheKey, key_from_url, make_key
+from pibl.errors import caused_by
 from pibl.http.framing import response_head_bytes
 from pibl.http.head import Headers, RequestHead, ResponseHead, get_all, get_header, header_tokens
 
@@ -945,7 +946,7 @@ class StoredResponse:
                 default_ttl=_float(obj["default_ttl"]),
             )
         except (KeyError, TypeError, AttributeError, UnicodeError) as exc:
-            raise ValueError(f"malformed cache entry: {exc}") from exc
+            raise caused_by(ValueError(f"malformed cache entry: {exc}"), exc)  # noqa: B904 (caused_by)
 
 
 def _str(value: object) -> str:

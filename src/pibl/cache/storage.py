@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 from pibl.cache.key import CacheKey
 from pibl.cache.policy import StoredResponse
 from pibl.config import CacheSettings
+from pibl.errors import caused_by
 
 
 class CorruptEntry(Exception):
@@ -42,6 +45,7 @@ class CacheWriter(Protocol):
         ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # RedisWriter is not compiled
 class BufferedWriter:
     """A writer that collects the body in memory, bounded by ``max_object_size``, for storages
     that publish an entry in one piece at ``commit`` (memory, Redis)."""
@@ -123,8 +127,11 @@ def make_storage(settings: CacheSettings) -> CacheStorage:
     try:
         factory = STORAGES[settings.storage]
     except KeyError:
-        raise ValueError(
-            f"cache storage {settings.storage!r} is not available; expected one of "
-            + ", ".join(sorted(STORAGES))
-        ) from None
+        raise caused_by(  # noqa: B904 (caused_by)
+            ValueError(
+                f"cache storage {settings.storage!r} is not available; expected one of "
+                + ", ".join(sorted(STORAGES))
+            ),
+            None,
+        )
     return factory(settings)

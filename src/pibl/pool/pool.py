@@ -13,7 +13,7 @@ import ssl
 from collections import deque
 
 from pibl.balancer.upstream import Address
-from pibl.errors import UpstreamConnectError
+from pibl.errors import UpstreamConnectError, caused_by
 from pibl.pool.connection import UpstreamConnection
 from pibl.tls import UpstreamTLS
 
@@ -76,16 +76,19 @@ class ConnectionPool:
                         server_hostname=tls.server_name or self.address.host,
                     )
         except TimeoutError as error:
-            raise UpstreamConnectError(f"connect to {self.address} timed out") from error
+            raise caused_by(UpstreamConnectError(f"connect to {self.address} timed out"), error)  # noqa: B904 (caused_by)
         except ssl.SSLError as error:
             detail = getattr(error, "verify_message", None) or error.reason or error
-            raise UpstreamConnectError(
-                f"TLS handshake with {self.address} failed: {detail}"
-            ) from error
+            raise caused_by(  # noqa: B904 (caused_by)
+                UpstreamConnectError(f"TLS handshake with {self.address} failed: {detail}"), error
+            )
         except OSError as error:
-            raise UpstreamConnectError(
-                f"connect to {self.address} failed: {error.strerror or error}"
-            ) from error
+            raise caused_by(  # noqa: B904 (caused_by)
+                UpstreamConnectError(
+                    f"connect to {self.address} failed: {error.strerror or error}"
+                ),
+                error,
+            )
         transport = conn.transport
         if transport is not None:
             sock = transport.get_extra_info("socket")

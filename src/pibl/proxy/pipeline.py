@@ -414,8 +414,7 @@ class Pipeline:
                         upstream.key,
                         error,
                     )
-                    continue
-                if not should_retry(
+                elif not should_retry(
                     error,
                     head.method,
                     attempt=attempt,
@@ -425,10 +424,11 @@ class Pipeline:
                 ):
                     _note_partial(record, exchange)
                     raise
-                attempt += 1
-                record.retries += 1
-                force_fresh = False
-                log.warning("upstream %s failed (%s); retrying", upstream.key, error)
+                else:
+                    attempt += 1
+                    record.retries += 1
+                    force_fresh = False
+                    log.warning("upstream %s failed (%s); retrying", upstream.key, error)
             except ClientDisconnected:
                 record.upstream_time = time.monotonic() - started
                 _note_partial(record, exchange)

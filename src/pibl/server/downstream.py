@@ -126,6 +126,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._header_count = 0
         self._stalled_bytes = 0  # fed since the body last made progress (chunk metadata, trailers)
+        self._body_activity = 0.0  # loop time of the last body bytes (client_body_timeout)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -434,8 +435,6 @@ class DownstreamConnection(asyncio.Protocol):
         if not self.is_writable:
             log.info("client %s stopped reading its response; closing", self.client_addr)
             self.abort()
-
-    _body_activity = 0.0
 
 
 def _parser_message(error: Exception) -> str:
