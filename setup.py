@@ -23,6 +23,7 @@ COMPILED_MODULES = [
     "cache/policy.py",
     "cache/ranges.py",
     "cache/storage.py",
+    "deadline.py",
     "errors.py",
     "http/framing.py",
     "http/head.py",

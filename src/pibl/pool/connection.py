@@ -13,6 +13,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from pibl.deadline import Deadline
 from pibl.http.head import Headers, ResponseHead
 
 # Bytes of response head (interim 1xx heads included) an upstream may send before its final
@@ -59,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         "last_activity",
         "requests_served",
         "sink",
+        "timer",
         "transport",
     )
 
@@ -79,6 +81,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.requests_served = 0
+        # The owning exchange's read (or tunnel idle) timeout, kept across exchanges so that
+        # each request moves a deadline instead of creating a loop timer.
+        self.timer: Deadline | None = None
 
     # -- owner side ----------------------------------------------------------------------------
     @property
@@ -87,9 +92,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def begin(self, sink: ResponseSink, *, head_request: bool) -> None:
         """Start an exchange: the next response belongs to ``sink``."""
-        if self.requests_served:
-            # A fresh parser per exchange: after a HEAD response the previous parser may still
-            # expect the body its Content-Length announced (llhttp cannot be told otherwise).
+        if self.requests_served and self._skip_body:
+            # After a HEAD response the parser may still expect the body its Content-Length
+            # announced (llhttp cannot be told otherwise): start the next one afresh.
             self._parser = httptools.HttpResponseParser(self)
         self.sink = sink
         self._state = "head"
@@ -187,6 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.close()
         state = self._state
         self._state = "closed"
         self.is_reusable = False

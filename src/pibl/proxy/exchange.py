@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pibl.deadline import Deadline
 from pibl.errors import (
     ClientDisconnected,
     ProtocolError,
@@ -131,7 +132,10 @@ class Exchange:
         self._chunked_out = False
         self._has_body_out = False
         self._request_body_done = not request.has_body
-        self._timer: asyncio.TimerHandle | None = None
+        timer = conn.timer
+        if timer is None:
+            timer = conn.timer = Deadline(self.loop)
+        self._timer = timer  # the read timeout, then the tunnel's idle timeout
         self._upgrading = False
         self._forwarding = True
         self._head_out: bytes | None = None
@@ -169,7 +173,7 @@ class Exchange:
                 )
         self.last_activity = self.loop.time()
         if self.read_timeout > 0:
-            self._timer = self.loop.call_later(self.read_timeout, self._check_timeout)
+            self._timer.set(self.read_timeout, self._check_timeout)
 
     def _on_expect_timeout(self) -> None:
         # The upstream ignored Expect (RFC 9110 §10.1.1 lets a client go ahead after a while);
@@ -371,7 +375,7 @@ class Exchange:
         self.last_activity = self.loop.time()
         self.tunnel_idle_timeout = app.limits.tunnel_idle_timeout
         if self.tunnel_idle_timeout > 0:
-            self._timer = self.loop.call_later(self.tunnel_idle_timeout, self._check_tunnel_idle)
+            self._timer.set(self.tunnel_idle_timeout, self._check_tunnel_idle)
 
     def _tunnel_up(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -392,7 +396,6 @@ class Exchange:
         self.down.write(data)
 
     def _check_tunnel_idle(self) -> None:
-        self._timer = None
         if self.done.done():
             return
         timeout = self.tunnel_idle_timeout
@@ -404,7 +407,7 @@ class Exchange:
         ):
             remaining = timeout  # bytes are waiting for a slow reader: throttled, not idle
         if remaining > 0.001:
-            self._timer = self.loop.call_later(remaining, self._check_tunnel_idle)
+            self._timer.set(remaining, self._check_tunnel_idle)
             return
         log.info(
             "tunnel %s ↔ %s idle for %gs; closing it",
@@ -431,16 +434,15 @@ class Exchange:
             self._fail(ClientDisconnected("client closed the connection"))
 
     def _check_timeout(self) -> None:
-        self._timer = None
         if self.done.done():
             return
         if not self.down.is_writable:
             # A slow client is throttling us; that is the send timeout's business, not ours.
-            self._timer = self.loop.call_later(self.read_timeout, self._check_timeout)
+            self._timer.set(self.read_timeout, self._check_timeout)
             return
         remaining = self.last_activity + self.read_timeout - self.loop.time()
         if remaining > 0.001:
-            self._timer = self.loop.call_later(remaining, self._check_timeout)
+            self._timer.set(remaining, self._check_timeout)
             return
         self._fail(
             UpstreamTimeout(
@@ -449,9 +451,7 @@ class Exchange:
         )
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.clear()
 
     @property
     def is_forwarding(self) -> bool:

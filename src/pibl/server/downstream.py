@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from pibl.deadline import Deadline
 from pibl.errors import ProtocolError
 from pibl.http.framing import error_response
 from pibl.http.head import Headers, RequestHead
 from pibl.http.validate import validate_request_head
 
 if TYPE_CHECKING:
+    from pibl.config import ServerSettings
     from pibl.server.app import ProxyApp
 
 log = logging.getLogger("pibl.server")
@@ -116,7 +118,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.tunnel_sink: Callable[[bytes], None] | None = None
         self.tunnel_eof: Callable[[], None] | None = None
         self.upgrade_leftover = b""
-        self._timer: asyncio.TimerHandle | None = None
+        # The header, keep-alive and body timeouts: one at a time, moved on every request.
+        self._deadline = Deadline(self.loop, _shortest_timeout(self.limits))
         self._write_timer: asyncio.TimerHandle | None = None
         self._held: bytes | None = None  # bytes of a connection waiting for admission
         self._head_bytes = 0
@@ -126,7 +129,6 @@ class DownstreamConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._header_count = 0
         self._stalled_bytes = 0  # fed since the body last made progress (chunk metadata, trailers)
-        self._body_activity = 0.0  # loop time of the last body bytes (client_body_timeout)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,7 +221,7 @@ class DownstreamConnection(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection from %s closed%s", self.client_addr, f": {exc}" if exc else "")
         self.is_closed = True
-        self._cancel_timer()
+        self._deadline.close()
         if self._write_timer is not None:
             self._write_timer.cancel()
         app = self.app
@@ -312,8 +314,9 @@ class DownstreamConnection(asyncio.Protocol):
             raise ProtocolError("request body too large", 413)
         if cycle.buffered > BODY_BUFFER_BYTES:
             self._pause_reading()
-        if self._timer is not None:
-            self._body_activity = self.loop.time()
+        if self._deadline.is_set:
+            # client_body_timeout runs between two reads of the body (nginx), not over all of it.
+            self._deadline.set(self.limits.client_body_timeout, self._on_body_timeout)
 
     def on_message_complete(self) -> None:
         self._stalled_bytes = 0
@@ -395,18 +398,15 @@ class DownstreamConnection(asyncio.Protocol):
 
     # -- timers --------------------------------------------------------------------------------
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
         if delay > 0:
-            self._body_activity = self.loop.time()
-            self._timer = self.loop.call_later(delay, callback)
+            self._deadline.set(delay, callback)
+        else:
+            self._deadline.clear()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.clear()
 
     def _on_head_timeout(self) -> None:
-        self._timer = None
         if self.task is None and not self.queue:
             if self._in_head:
                 self.write(error_response(408, "request head not received in time"))
@@ -415,17 +415,10 @@ class DownstreamConnection(asyncio.Protocol):
             self.stop_parsing = True  # a pipelined head is trickling: finish the others, close
 
     def _on_idle_timeout(self) -> None:
-        self._timer = None
         if self.task is None and not self.queue and not self._in_head:
             self.close()
 
     def _on_body_timeout(self) -> None:
-        self._timer = None
-        idle = self.loop.time() - self._body_activity
-        remaining = self.limits.client_body_timeout - idle
-        if remaining > 0.001:
-            self._timer = self.loop.call_later(remaining, self._on_body_timeout)
-            return
         receiving = self.receiving
         if receiving is not None and not receiving.body_done:
             self._reject(ProtocolError("request body not received in time", 408))
@@ -435,6 +428,15 @@ class DownstreamConnection(asyncio.Protocol):
         if not self.is_writable:
             log.info("client %s stopped reading its response; closing", self.client_addr)
             self.abort()
+
+
+def _shortest_timeout(limits: ServerSettings) -> float:
+    timeouts = (
+        limits.client_header_timeout,
+        limits.client_body_timeout,
+        limits.keepalive_timeout,
+    )
+    return min((t for t in timeouts if t > 0), default=0.0)
 
 
 def _parser_message(error: Exception) -> str:
