@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from typing import ClassVar, Protocol
 
@@ -160,16 +159,19 @@ def _escape_table(extra: str) -> _EscapeTable:
 _QUOTED = _escape_table("")
 # Unquoted key=value extras: a space would let a value fake the next field ("HIT route=x").
 _BARE = _escape_table(" ")
-# Anything outside printable ASCII, '"' or '\' (and ' ' for bare values) needs the slow path.
-_QUOTED_NEEDS_ESCAPE = re.compile(r"[^\x20\x21\x23-\x5B\x5D-\x7E]")
-_BARE_NEEDS_ESCAPE = re.compile(r"[^\x21\x23-\x5B\x5D-\x7E]")
+# Printable ASCII other than '"' and '\' (and ' ' for bare values) is logged as it is. str
+# methods make the check, not a regex search: about a third of the time per field.
+
+
+def _is_plain(value: str) -> bool:
+    return value.isascii() and value.isprintable() and '"' not in value and "\\" not in value
 
 
 def _quoted(value: str) -> str:
     """The text between the quotes of a combined field; ``-`` when empty, as nginx logs."""
     if not value:
         return "-"
-    if _QUOTED_NEEDS_ESCAPE.search(value) is None:
+    if _is_plain(value):
         return value
     return value.translate(_QUOTED)
 
@@ -178,7 +180,7 @@ def _bare(value: str) -> str:
     """An unquoted ``key=value`` value: also escapes spaces; ``-`` when empty."""
     if not value:
         return "-"
-    if _BARE_NEEDS_ESCAPE.search(value) is None:
+    if _is_plain(value) and " " not in value:
         return value
     return value.translate(_BARE)
 
@@ -249,7 +251,8 @@ def _seconds_text(value: float | None) -> str:
     # Millisecond resolution, as nginx prints $request_time and $upstream_response_time.
     if value is None or not math.isfinite(value):
         return "-"
-    return f"{value:.3f}"
+    # format(), not an f-string: compiled, f"{value:.3f}" parses a format string on every call.
+    return format(value, ".3f")
 
 
 def _seconds_json(value: float | None) -> float | None:
@@ -284,7 +287,7 @@ def format_combined(rec: AccessRecord) -> str:
     upstream_status = "-" if rec.upstream_status is None else str(rec.upstream_status)
     return (
         f"{_bare(rec.client_addr)} - - [{_time_local(rec.start_time)}] "
-        f'"{request}" {rec.status:d} {rec.bytes_sent:d} '
+        f'"{request}" {rec.status} {rec.bytes_sent} '
         f'"{_quoted(rec.referer)}" "{_quoted(rec.user_agent)}" '
         f"upstream={_bare(rec.upstream_addr)} upstream_status={upstream_status} "
         f"upstream_time={_seconds_text(rec.upstream_time)} "

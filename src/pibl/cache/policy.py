@@ -980,7 +980,6 @@ class Action(enum.Enum):
     MUST_FORWARD = "must-forward"  # forward the request as is: no usable validator or no match
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of :func:`decide`.
 
@@ -988,13 +987,42 @@ class Decision:
     stale), both for ``Age`` and Cache-Status ``ttl=``. ``fwd`` is the RFC 9211 ``fwd=``
     reason when the origin must be contacted (``stale``, ``request``, ``vary-miss``,
     ``method``). ``only_if_cached`` reports the request directive (§5.2.1.7).
+
+    A plain class, not a frozen dataclass: one is made per cache lookup, and compiled (mypyc)
+    a frozen dataclass costs about 15 times as much to construct (its ``__init__`` goes
+    through ``object.__setattr__``). Treat it as immutable all the same.
     """
 
-    action: Action
-    age: float
-    ttl: float
-    fwd: str | None = None
-    only_if_cached: bool = False
+    __slots__ = ("action", "age", "fwd", "only_if_cached", "ttl")
+
+    def __init__(
+        self,
+        action: Action,
+        age: float,
+        ttl: float,
+        fwd: str | None = None,
+        only_if_cached: bool = False,
+    ) -> None:
+        self.action = action
+        self.age = age
+        self.ttl = ttl
+        self.fwd = fwd
+        self.only_if_cached = only_if_cached
+
+    def _fields(self) -> tuple[Action, float, float, str | None, bool]:
+        return (self.action, self.age, self.ttl, self.fwd, self.only_if_cached)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(action={self.action!r}, age={self.age!r}, ttl={self.ttl!r}, "
+            f"fwd={self.fwd!r}, only_if_cached={self.only_if_cached!r})"
+        )
 
     @property
     def gateway_timeout(self) -> bool:

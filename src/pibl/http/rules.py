@@ -30,12 +30,18 @@ _FORWARDED = frozenset(
 VIA_VALUE = b"1.1 pibl"
 
 
+_NOT_FORWARDED = HOP_BY_HOP | _FRAMING
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
+    tokens: set[bytes] | None = None
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+            if tokens is None:
+                tokens = set()
+            tokens.update([t.strip().lower() for t in value.split(b",")])
+    return _NO_TOKENS if tokens is None else frozenset(tokens)
 
 
 def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Headers:
@@ -93,16 +99,25 @@ def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Hea
 
 def downstream_response_headers(response: ResponseHead) -> Headers:
     """The upstream response's fields minus hop-by-hop and framing ones, plus ``Via``."""
-    listed = _connection_tokens(response.headers)
+    # One pass over the fields (this runs for every proxied response); the fields that
+    # Connection lists, wherever it stands, are taken out afterwards, rarely.
     out: Headers = []
     prior_via: list[bytes] = []
+    has_connection = False
     for name, value in response.headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in _FRAMING or lname in listed:
+        if lname in _NOT_FORWARDED:
+            has_connection = has_connection or lname == b"connection"
             continue
         if lname == b"via":
             prior_via.append(value)
             continue
         out.append((name, value))
+    if has_connection:
+        listed = _connection_tokens(response.headers)
+        if listed - _NOT_FORWARDED:
+            out = [(n, v) for n, v in out if n.lower() not in listed]
+            if b"via" in listed:
+                prior_via = []
     out.append((b"Via", b", ".join([*prior_via, VIA_VALUE]) if prior_via else VIA_VALUE))
     return out
