@@ -15,10 +15,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # The hot-path modules are compiled in place (setup.py). A module compiled before its source
     # (or a source it depends on) last changed would test old code: say so instead.
     package = Path(pibl.__file__).parent
-    compiled = list(package.rglob("*.so"))
-    if not compiled:
+    modules = list(package.rglob("*.so"))
+    if not modules:
         return  # pure Python (PIBL_COMPILE=0)
-    built = min(path.stat().st_mtime for path in compiled)
+    # A build rewrites the library shared by all compiled modules (next to the package) but may
+    # leave a module whose C did not change untouched: the newest file dates the last build.
+    libraries = list(package.parent.glob("*__mypyc*.so"))
+    built = max(path.stat().st_mtime for path in modules + libraries)
     newer = sorted(
         str(p.relative_to(package)) for p in package.rglob("*.py") if p.stat().st_mtime > built
     )
