@@ -95,9 +95,13 @@ class RecordingPipeline:
     requests: list[Parsed] = field(default_factory=list)
     errors: list[int] = field(default_factory=list)
     cycles: list[RequestCycle] = field(default_factory=list)
+    # Whether the client's socket was paused when each request reached the pipeline (it is
+    # served at once, maybe before data_received returns).
+    paused_when_handled: list[bool] = field(default_factory=list)
 
     async def handle(self, conn: DownstreamConnection, cycle: RequestCycle) -> bool:
         self.cycles.append(cycle)
+        self.paused_when_handled.append(conn.reading_paused)
         if cycle.error is None and cycle.head is not None:
             body = bytearray()
             ended = asyncio.Event()
@@ -629,8 +633,8 @@ async def test_upgrade_request_stops_parsing_and_keeps_the_leftover() -> None:
         harness.feed([data])
         assert harness.conn.stop_parsing
         assert harness.conn.upgrade_leftover == b"early bytes"
-        assert harness.transport.paused
         await harness.settle()
+        assert harness.pipeline.paused_when_handled == [True]
         (request,) = harness.pipeline.requests
         assert request.target == b"/ws"
         assert harness.pipeline.cycles[0].head is not None
@@ -662,8 +666,10 @@ async def test_many_pipelined_requests_pause_reading_then_resume() -> None:
     harness = Harness()
     try:
         harness.feed([data])
-        assert harness.transport.paused  # more than MAX_PIPELINED queued
         await harness.settle()
+        paused = harness.pipeline.paused_when_handled
+        assert paused[0]  # more than MAX_PIPELINED were queued
+        assert not paused[-1]  # resumed once the queue was short again
         assert len(harness.pipeline.requests) == 40
         assert not harness.transport.paused
         assert harness.transport.written == OK_RESPONSE * 40

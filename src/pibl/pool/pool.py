@@ -60,21 +60,22 @@ class ConnectionPool:
     async def connect(self) -> UpstreamConnection:
         loop = self._loop = asyncio.get_running_loop()
         tls = self.tls
+        if tls is None:
+            opening = loop.create_connection(
+                UpstreamConnection, self.address.host, self.address.port
+            )
+        else:
+            opening = loop.create_connection(
+                UpstreamConnection,
+                self.address.host,
+                self.address.port,
+                ssl=tls.context,
+                server_hostname=tls.server_name or self.address.host,
+            )
         try:
-            # The timeout covers the TLS handshake too.
-            async with asyncio.timeout(self.connect_timeout):
-                if tls is None:
-                    _, conn = await loop.create_connection(
-                        UpstreamConnection, self.address.host, self.address.port
-                    )
-                else:
-                    _, conn = await loop.create_connection(
-                        UpstreamConnection,
-                        self.address.host,
-                        self.address.port,
-                        ssl=tls.context,
-                        server_hostname=tls.server_name or self.address.host,
-                    )
+            # The timeout covers the TLS handshake too. wait_for, not asyncio.timeout: a
+            # request may get here before it has a task (DownstreamConnection._serve_eagerly).
+            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except TimeoutError as error:
             raise caused_by(UpstreamConnectError(f"connect to {self.address} timed out"), error)  # noqa: B904 (caused_by)
         except ssl.SSLError as error:

@@ -190,6 +190,7 @@ class HttpCache:
         self._lookup_now: Callable[[CacheKey], list[CacheEntry]] | None = getattr(
             storage, "lookup_now", None
         )
+        self.answers_now = self._lookup_now is not None
         self.hits = 0
         self.misses = 0
         self.stale = 0
@@ -240,8 +241,8 @@ class HttpCache:
 
     async def wait_for_leader(self, future: asyncio.Future[None]) -> None:
         try:
-            async with asyncio.timeout(COALESCE_WAIT):
-                await asyncio.shield(future)
+            # wait_for, not asyncio.timeout: this may run before the request has a task.
+            await asyncio.wait_for(asyncio.shield(future), COALESCE_WAIT)
         except TimeoutError:
             log.info("gave up waiting for a concurrent fetch; fetching again")
 
