@@ -39,10 +39,20 @@ def response_head_bytes(
     status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes = b""
 ) -> bytes:
     # PIBL always speaks HTTP/1.1 (RFC 9110 §6.2: a server sends its highest conformant version).
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))
+        if len(_STATUS_LINES) < _STATUS_LINES_MAX:  # reasons come from upstreams: bounded
+            _STATUS_LINES[(status, reason)] = line
+    parts = [line]
     serialize_headers(parts, headers)
     parts.append(CRLF)
     return b"".join(parts)
+
+
+# Status lines built once: a handful of (status, reason) pairs cover nearly every response.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINES_MAX = 256
 
 
 def chunk(data: bytes) -> list[bytes]:

@@ -31,6 +31,8 @@ VIA_VALUE = b"1.1 pibl"
 
 
 _NOT_FORWARDED = HOP_BY_HOP | _FRAMING
+# Connection values that list no field beyond the hop-by-hop ones (nearly every response).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
 
@@ -107,7 +109,8 @@ def downstream_response_headers(response: ResponseHead) -> Headers:
     for name, value in response.headers:
         lname = name.lower()
         if lname in _NOT_FORWARDED:
-            has_connection = has_connection or lname == b"connection"
+            if lname == b"connection" and value not in _PLAIN_CONNECTION:
+                has_connection = True  # it may list other fields
             continue
         if lname == b"via":
             prior_via.append(value)
