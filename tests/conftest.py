@@ -13,7 +13,7 @@ from tests.redis_support import RedisServer
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # The hot-path modules are compiled in place (setup.py). A module compiled before its source
-    # (or a source it depends on) last changed would test old code: say so instead.
+    # last changed would test old code: say so instead.
     package = Path(pibl.__file__).parent
     modules = list(package.rglob("*.so"))
     if not modules:
@@ -22,9 +22,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # leave a module whose C did not change untouched: the newest file dates the last build.
     libraries = list(package.parent.glob("*__mypyc*.so"))
     built = max(path.stat().st_mtime for path in modules + libraries)
-    newer = sorted(
-        str(p.relative_to(package)) for p in package.rglob("*.py") if p.stat().st_mtime > built
-    )
+    sources = [so.with_name(so.name.split(".", 1)[0] + ".py") for so in modules]
+    newer = sorted(str(p.relative_to(package)) for p in sources if p.stat().st_mtime > built)
     if newer:
         pytest.exit(
             f"the compiled modules are older than {', '.join(newer[:3])}: run `make install` "

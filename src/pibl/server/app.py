@@ -23,6 +23,7 @@ from pibl.proxy.caching import HttpCache
 from pibl.proxy.pipeline import Pipeline
 from pibl.proxy.routing import Route, Router
 from pibl.server.downstream import DownstreamConnection
+from pibl.server.listener import Listener
 from pibl.server.redirect import HttpsRedirect
 from pibl.tls import (
     CertificateError,
@@ -181,7 +182,7 @@ class ProxyApp:
             from pibl.admin.service import AdminService
 
             self.services.append(AdminService(self, settings.admin, cluster))
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Listener] = []
         self.addresses: list[Address] = []
         # TLS termination (server.tls): its listeners' bound addresses, its certificates.
         self.tls_addresses: list[Address] = []
@@ -315,13 +316,13 @@ class ProxyApp:
         if self.tls is not None and tls is not None:
             # Before the plain listeners: a redirect names the bound TLS port.
             for address in tls.listen:
-                server = await loop.create_server(
+                server = await Listener.bind(
+                    loop,
                     self._tls_connection,
                     address.host,
                     address.port,
-                    ssl=self.tls.context,
-                    ssl_handshake_timeout=self.limits.client_header_timeout,
-                    reuse_address=True,
+                    tls=self.tls.context,
+                    tls_handshake_timeout=self.limits.client_header_timeout,
                     reuse_port=reuse_port,
                     backlog=2048,
                 )
@@ -331,11 +332,11 @@ class ProxyApp:
                     self.tls_addresses.append(Address(host, port))
             self._redirect = HttpsRedirect(self, self.tls_addresses[0].port)
         for address in listen if listen is not None else self.settings.server.listen:
-            server = await loop.create_server(
+            server = await Listener.bind(
+                loop,
                 self._plain_connection,
                 address.host,
                 address.port,
-                reuse_address=True,
                 reuse_port=reuse_port,
                 backlog=2048,
             )
