@@ -1,8 +1,10 @@
 """One downstream (client) connection: parse requests with llhttp, queue them, answer in order.
 
 The protocol object owns the socket, the parser, the timers and flow control; what to do with
-a request is the pipeline's business (``proxy.pipeline``). One task per connection runs while
-requests are queued, so pipelined requests are answered strictly in order (RFC 9112 §9.3.2).
+a request is the pipeline's business (``proxy.pipeline``). One serving coroutine per connection
+runs while requests are queued, so pipelined requests are answered strictly in order (RFC 9112
+§9.3.2); it starts at once when a read has been parsed and becomes a task only if it has to
+wait (``_serve_eagerly``).
 """
 
 from __future__ import annotations
