@@ -4,11 +4,12 @@ loop iteration (what uvloop's servers do, which left bursts waiting in the accep
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 import pytest
 
-from pibl.server.listener import Listener
+from pibl.server.listener import ACCEPT_PAUSE, Listener
 
 
 class Counting(asyncio.Protocol):
@@ -65,3 +66,42 @@ async def test_closed_listener_refuses_connections() -> None:
     await listener.wait_closed()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+class OutOfDescriptorsOnce(socket.socket):
+    """A listening socket whose first accept fails as when the process has no fd left."""
+
+    failed = False
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not OutOfDescriptorsOnce.failed:
+            OutOfDescriptorsOnce.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_out_of_descriptors_pauses_accepting_then_resumes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    Counting.made = 0
+    Counting.all_made = asyncio.Event()
+    sock = OutOfDescriptorsOnce(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    sock.setblocking(False)
+    listener = Listener(loop, [sock], Counting)
+    listener.start()
+    port = sock.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(BURST)]
+    started = loop.time()
+    try:
+        await asyncio.wait_for(Counting.all_made.wait(), 10)
+        # Accepting stopped for the pause (no busy loop on EMFILE), then took everyone.
+        assert loop.time() - started >= ACCEPT_PAUSE - 0.05
+        assert "cannot accept connections" in caplog.text
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        for client in clients:
+            client.close()
