@@ -35,6 +35,11 @@ def request_head_bytes(method: str, target: bytes, headers: Iterable[tuple[bytes
     return b"".join(parts)
 
 
+# Status lines built once: a handful of (status, reason) pairs cover nearly every response.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINES_MAX = 256
+
+
 def response_head_bytes(
     status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes = b""
 ) -> bytes:
@@ -48,11 +53,6 @@ def response_head_bytes(
     serialize_headers(parts, headers)
     parts.append(CRLF)
     return b"".join(parts)
-
-
-# Status lines built once: a handful of (status, reason) pairs cover nearly every response.
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-_STATUS_LINES_MAX = 256
 
 
 def chunk(data: bytes) -> list[bytes]:

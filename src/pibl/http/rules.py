@@ -62,7 +62,7 @@ def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Hea
     has_host = False
     for name, value in request.headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in _FRAMING or lname in listed:
+        if lname in _NOT_FORWARDED or lname in listed:
             continue
         if lname in _FORWARDED:
             if not trusted_peer:

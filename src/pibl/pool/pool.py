@@ -77,7 +77,9 @@ class ConnectionPool:
             # request may get here before it has a task (DownstreamConnection._serve_eagerly).
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except TimeoutError as error:
-            raise caused_by(UpstreamConnectError(f"connect to {self.address} timed out"), error)  # noqa: B904 (caused_by)
+            raise caused_by(  # noqa: B904 (caused_by)
+                UpstreamConnectError(f"connect to {self.address} timed out"), error
+            )
         except ssl.SSLError as error:
             detail = getattr(error, "verify_message", None) or error.reason or error
             raise caused_by(  # noqa: B904 (caused_by)

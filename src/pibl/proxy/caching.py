@@ -190,11 +190,15 @@ class HttpCache:
         self._lookup_now: Callable[[CacheKey], list[CacheEntry]] | None = getattr(
             storage, "lookup_now", None
         )
-        self.answers_now = self._lookup_now is not None
         self.hits = 0
         self.misses = 0
         self.stale = 0
         self.revalidations = 0
+
+    @property
+    def answers_now(self) -> bool:
+        """Whether a lookup never waits (the storage has ``lookup_now``)."""
+        return self._lookup_now is not None
 
     def key_for(self, request: RequestHead) -> CacheKey:
         """``make_key(request)``, remembered for recent targets."""
