@@ -15,7 +15,12 @@ timer fires early, finds the deadline still ahead and waits again, at most once 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from pibl.errors import caused_by
+
+T = TypeVar("T")
 
 # A timer may fire this much before its time (the loop's clock resolution); closer than this
 # to the deadline counts as reached.
@@ -76,3 +81,31 @@ class Deadline:
             return
         self._callback = None
         callback()
+
+
+async def within(awaitable: Awaitable[T], timeout: float) -> T:
+    """Await ``awaitable`` for at most ``timeout`` seconds; past that it is cancelled and
+    ``TimeoutError`` raised.
+
+    ``asyncio.timeout`` (and ``wait_for`` since Python 3.12, which is built on it) needs a
+    current task; requests run without one (``DownstreamConnection._serve_eagerly``), so the
+    pool's connect and the cache's coalescing wait time themselves with this instead.
+    """
+    loop = asyncio.get_running_loop()
+    inner = asyncio.ensure_future(awaitable)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        inner.cancel()
+
+    handle = loop.call_later(timeout, expire)
+    try:
+        return await inner
+    except asyncio.CancelledError:
+        if expired:
+            raise caused_by(TimeoutError(f"timed out after {timeout:g}s"), None)  # noqa: B904
+        raise  # the caller itself was cancelled (it cancels what it waits on: inner)
+    finally:
+        handle.cancel()

@@ -13,6 +13,7 @@ import ssl
 from collections import deque
 
 from pibl.balancer.upstream import Address
+from pibl.deadline import within
 from pibl.errors import UpstreamConnectError, caused_by
 from pibl.pool.connection import UpstreamConnection
 from pibl.tls import UpstreamTLS
@@ -73,9 +74,9 @@ class ConnectionPool:
                 server_hostname=tls.server_name or self.address.host,
             )
         try:
-            # The timeout covers the TLS handshake too. wait_for, not asyncio.timeout: a
-            # request may get here before it has a task (DownstreamConnection._serve_eagerly).
-            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
+            # The timeout covers the TLS handshake too; ``within`` because requests run
+            # without a task (DownstreamConnection._serve_eagerly).
+            _, conn = await within(opening, self.connect_timeout)
         except TimeoutError as error:
             raise caused_by(  # noqa: B904 (caused_by)
                 UpstreamConnectError(f"connect to {self.address} timed out"), error

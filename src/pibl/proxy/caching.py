@@ -35,6 +35,7 @@ from pibl.cache.policy import (
 )
 from pibl.cache.ranges import select_range
 from pibl.cache.storage import CacheEntry, CacheStorage, CorruptEntry
+from pibl.deadline import within
 from pibl.http.framing import CRLF, response_head_bytes, serialize_headers
 from pibl.http.head import Headers, RequestHead, ResponseHead
 from pibl.http.rules import VIA_VALUE
@@ -245,8 +246,8 @@ class HttpCache:
 
     async def wait_for_leader(self, future: asyncio.Future[None]) -> None:
         try:
-            # wait_for, not asyncio.timeout: this may run before the request has a task.
-            await asyncio.wait_for(asyncio.shield(future), COALESCE_WAIT)
+            # ``within``, not asyncio.timeout: requests run without a task.
+            await within(asyncio.shield(future), COALESCE_WAIT)
         except TimeoutError:
             log.info("gave up waiting for a concurrent fetch; fetching again")
 

@@ -379,8 +379,8 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while any(c.task is not None for c in self.connections) and loop.time() < deadline:
-            tasks = [c.task for c in self.connections if c.task is not None]
-            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            serving = [c.served() for c in self.connections if c.task is not None]
+            await asyncio.wait(serving, timeout=max(0.0, deadline - loop.time()))
         for conn in [*self.connections, *self.waiting]:
             conn.abort()
         for service in self.services:

@@ -3,8 +3,8 @@
 The protocol object owns the socket, the parser, the timers and flow control; what to do with
 a request is the pipeline's business (``proxy.pipeline``). One serving coroutine per connection
 runs while requests are queued, so pipelined requests are answered strictly in order (RFC 9112
-§9.3.2); it starts at once when a read has been parsed and becomes a task only if it has to
-wait (``_serve_eagerly``).
+§9.3.2); it starts at once when a read has been parsed and, when it has to wait, is resumed by
+the future it waits on (``Serving``) rather than by an asyncio Task.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -110,7 +110,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[RequestCycle] = deque()
         self.receiving: RequestCycle | None = None
-        self.task: asyncio.Task[None] | None = None
+        # What runs ``_serve`` while it waits: a Serving, or a Task when the pipeline is not
+        # eager (see ``_serve_eagerly``).
+        self.task: Serving | asyncio.Task[None] | None = None
         self._serve_pending = False  # a request was queued by this read: serve once it is parsed
         self.is_closed = False
         self.is_writable = True
@@ -340,26 +342,29 @@ class DownstreamConnection(asyncio.Protocol):
 
     # -- serving -------------------------------------------------------------------------------
     def _serve_eagerly(self) -> None:
-        """Run ``_serve`` at once, up to its first wait; a task takes over only if it waits.
+        """Run ``_serve`` at once, up to its first wait, then from each wait's callback.
 
-        A cache hit is answered without ever waiting, so it costs no task; a proxied request
-        leaves for the upstream in this same callback, a loop iteration earlier. (Python 3.12
-        calls this an eager task; 3.11 has none.) Until that first wait there is no current
-        task, so nothing on the way may need one (``asyncio.timeout`` does): ``Pipeline.eager``
-        says whether that holds.
+        A cache hit is answered without ever waiting; a proxied request leaves for the upstream
+        in this same callback, a loop iteration earlier, and resumes from its exchange's
+        callback (``Serving``). There is never a current task, so nothing on the way may need
+        one (``asyncio.timeout`` does): ``Pipeline.eager`` says whether that holds.
         """
-        coro = self._serve()
-        try:
-            waiting_on = coro.send(None)
-        except StopIteration:
-            return
-        except Exception:
-            log.exception("unexpected error while serving %s", self.client_addr)
-            self.abort()
-            return
-        self.task = self.loop.create_task(
-            cast(Coroutine[Any, Any, None], _Started(coro, waiting_on))
-        )
+        serving = Serving(self._serve(), self.loop, self._on_serve_crash)
+        if serving.step():
+            self.task = serving
+
+    def _on_serve_crash(self) -> None:
+        log.exception("unexpected error while serving %s", self.client_addr)
+        self.abort()
+
+    def served(self) -> asyncio.Future[None]:
+        """A future that completes when the requests being served now are answered."""
+        task = self.task
+        if task is None:
+            done: asyncio.Future[None] = self.loop.create_future()
+            done.set_result(None)
+            return done
+        return task if isinstance(task, asyncio.Task) else task.finished()
 
     async def _serve(self) -> None:
         try:
@@ -463,43 +468,106 @@ class DownstreamConnection(asyncio.Protocol):
             self.abort()
 
 
-class _Started:
-    """A coroutine already run to its first suspension, for a task to drive from there: the
-    first value asked of it is what it yielded then; after that, send and throw go through.
-    (A coroutine by its methods: ``collections.abc.Coroutine`` recognises send, throw, close
-    and ``__await__``.)"""
+class Serving:
+    """Drives a connection's ``_serve`` coroutine without an asyncio Task.
 
-    __slots__ = ("_coro", "_first")
+    A Task per request was a measurable share of a proxied request (its creation, the
+    registration in asyncio's weak set of all tasks, a loop iteration for its first step, its
+    completion). Every wait in PIBL's request path is an asyncio future (an exchange's ``done``,
+    a connect, a disk read), so the driver does what a Task does with one: it adds itself as the
+    future's done-callback and sends into the coroutine when it is called; ``Future.__await__``
+    then returns the result or raises. There is no current task while it runs: nothing in the
+    request path may need one (``Pipeline.eager``; ``deadline.within`` replaces
+    ``asyncio.timeout``).
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+    It answers what the server asks of a Task: ``done()``, ``cancel()`` (the future being
+    waited on is cancelled, as Task.cancel does) and ``finished()`` to wait for the end.
+    """
+
+    __slots__ = ("_coro", "_done", "_finished", "_loop", "_on_crash", "_throw", "_waiting")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, None],
+        loop: asyncio.AbstractEventLoop,
+        on_crash: Callable[[], None],
+    ) -> None:
         self._coro = coro
-        self._first: Any = first
+        self._loop = loop
+        self._on_crash = on_crash  # called, inside an except block, if the coroutine raises
+        self._waiting: asyncio.Future[Any] | None = None
+        self._throw: BaseException | None = None  # thrown in at the next step
+        self._done = False
+        self._finished: asyncio.Future[None] | None = None
 
-    def __iter__(self) -> _Started:
-        return self
+    def step(self) -> bool:
+        """Run the coroutine to its next wait; returns whether it is still running."""
+        coro = self._coro
+        try:
+            error = self._throw
+            if error is not None:
+                self._throw = None
+                yielded = coro.throw(error)
+            else:
+                yielded = coro.send(None)
+        except StopIteration:
+            return self._end()
+        except asyncio.CancelledError:
+            return self._end()
+        except Exception:
+            self._on_crash()
+            return self._end()
+        if getattr(yielded, "_asyncio_future_blocking", None):
+            # An asyncio future (Future.__await__ yields itself with this flag set).
+            future = cast("asyncio.Future[Any]", yielded)
+            future._asyncio_future_blocking = False
+            self._waiting = future
+            future.add_done_callback(self._wakeup)
+        else:
+            # A bare yield (asyncio.sleep(0)) asks for one turn of the loop; anything else is
+            # a bug, raised inside the coroutine as a Task would.
+            if yielded is not None:
+                self._throw = RuntimeError(f"request coroutine yielded {yielded!r}")
+            self._loop.call_soon(self._resume)
+        return True
 
-    def __await__(self) -> _Started:
-        return self
+    def _wakeup(self, future: asyncio.Future[Any]) -> None:
+        self._waiting = None
+        self.step()
 
-    def __next__(self) -> Any:
-        return self.send(None)
+    def _resume(self) -> None:
+        self.step()
 
-    def send(self, value: Any) -> Any:
-        first = self._first
-        if first is not _SENT:
-            self._first = _SENT
-            return first
-        return self._coro.send(value)
+    def _end(self) -> bool:
+        self._done = True
+        self._waiting = None
+        finished = self._finished
+        if finished is not None and not finished.done():
+            finished.set_result(None)
+        return False
 
-    def throw(self, error: BaseException) -> Any:
-        self._first = _SENT
-        return self._coro.throw(error)
+    def done(self) -> bool:
+        return self._done
 
-    def close(self) -> None:
-        self._coro.close()
+    def cancel(self) -> bool:
+        if self._done:
+            return False
+        waiting = self._waiting
+        if waiting is None or not waiting.cancel():
+            self._throw = asyncio.CancelledError()  # its wake-up is already on its way
+        return True
 
+    def finished(self) -> asyncio.Future[None]:
+        """A future that completes when the coroutine has ended (however it ended)."""
+        finished = self._finished
+        if finished is None:
+            finished = self._finished = self._loop.create_future()
+            if self._done:
+                finished.set_result(None)
+        return finished
 
-_SENT = object()
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.finished().__await__()
 
 
 def _shortest_timeout(limits: ServerSettings) -> float:
