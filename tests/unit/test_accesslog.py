@@ -267,6 +267,40 @@ def test_any_text_gives_one_safe_line(values: dict[str, str]) -> None:
     assert {name: data[name] for name in TEXT_FIELDS} == values
 
 
+@given(st.fixed_dictionaries(dict.fromkeys(TEXT_FIELDS, texts)))
+def test_a_line_built_unescaped_is_used_only_when_escaping_changes_nothing(
+    values: dict[str, str],
+) -> None:
+    # format_combined skips the escaping when the whole line shows nothing to escape; it must
+    # always agree with escaping every field.
+    rec = full_record()
+    for name, value in values.items():
+        setattr(rec, name, value)
+    assert format_combined(rec) == accesslog._combined(rec, True)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0.000"),
+        (0.0123, "0.012"),
+        (0.0151, "0.015"),
+        (0.0004, "0.000"),
+        (0.0006, "0.001"),
+        (2.5, "2.500"),
+        (59.9996, "60.000"),
+        (86400.25, "86400.250"),
+        (-0.25, "-0.250"),  # the wall clock stepped back: printed, not hidden
+        (1e12, "1000000000000.000"),
+        (float("nan"), "-"),
+        (float("inf"), "-"),
+        (None, "-"),
+    ],
+)
+def test_durations_are_printed_in_milliseconds(seconds: float | None, text: str) -> None:
+    assert accesslog._seconds_text(seconds) == text
+
+
 @given(latin1, latin1)
 def test_combined_escaping_is_reversible_for_wire_bytes(target: str, user_agent: str) -> None:
     rec = full_record()

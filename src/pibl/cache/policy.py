@@ -64,7 +64,15 @@ from urllib.parse import urljoin
 from pibl.cache.key import CacheKey, key_from_url, make_key
 from pibl.errors import caused_by
 from pibl.http.framing import response_head_bytes
-from pibl.http.head import Headers, RequestHead, ResponseHead, get_all, get_header, header_tokens
+from pibl.http.head import (
+    Headers,
+    RequestHead,
+    ResponseHead,
+    get_all,
+    get_header,
+    header_tokens,
+    lower_name,
+)
 
 __all__ = [
     "DELTA_SECONDS_MAX",
@@ -393,7 +401,7 @@ def downstream_surrogate_control(headers: Headers, device: str = SURROGATE_DEVIC
 
 def without_surrogate_control(headers: Headers) -> Headers:
     """``headers`` as PIBL sends them downstream (see :func:`downstream_surrogate_control`)."""
-    out = [(name, value) for name, value in headers if name.lower() != b"surrogate-control"]
+    out = [(name, value) for name, value in headers if lower_name(name) != b"surrogate-control"]
     if len(out) != len(headers):
         rest = downstream_surrogate_control(headers)
         if rest is not None:
@@ -407,7 +415,7 @@ def with_surrogate_capability(headers: Headers) -> Headers:
     out: Headers = []
     prior: list[bytes] = []
     for name, value in headers:
-        if name.lower() == b"surrogate-capability":
+        if lower_name(name) == b"surrogate-capability":
             if value.strip():
                 prior.append(value.strip())
         else:
@@ -524,7 +532,7 @@ def _normalised_field(headers: Headers, name: bytes) -> str | None:
     if not values:
         return None
     text = b",".join(values).decode("latin-1")
-    if name.lower() in _CASE_INSENSITIVE_FIELDS:
+    if lower_name(name) in _CASE_INSENSITIVE_FIELDS:
         text = _PARAMETER_SPACE.sub(";", text.lower())
     members = (m.strip(" \t") for m in text.split(","))
     return ",".join(m for m in members if m)
@@ -542,7 +550,7 @@ def strip_for_storage(headers: Headers, *, shared: bool = True) -> Headers:
     drop = _NOT_STORED | header_tokens(headers, b"connection") | _qualified_fields(cc, "no-cache")
     if shared:
         drop |= _qualified_fields(cc, "private")
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    return [(name, value) for name, value in headers if lower_name(name) not in drop]
 
 
 def _explicit_freshness(cc: CacheControl, headers: Headers, shared: bool) -> bool:
@@ -789,9 +797,9 @@ class ResponseFacts:
     def of(cls, entry: StoredResponse) -> ResponseFacts:
         headers = entry.headers
         cc = response_cache_control(headers)
-        served = [(n, v) for n, v in headers if n.lower() not in _REPLACED_WHEN_SERVED]
+        served = [(n, v) for n, v in headers if lower_name(n) not in _REPLACED_WHEN_SERVED]
         rest = downstream_surrogate_control(headers)
-        unframed = [(n, v) for n, v in served if n.lower() not in _FRAMING_FIELDS]
+        unframed = [(n, v) for n, v in served if lower_name(n) not in _FRAMING_FIELDS]
         return cls(
             cache_control=cc,
             lifetime=_lifetime(
@@ -1173,7 +1181,7 @@ def revalidation_headers(request_headers: Headers, entry: StoredResponse) -> Hea
     kept = [
         (name, value)
         for name, value in request_headers
-        if name.lower() not in (b"if-none-match", b"if-modified-since")
+        if lower_name(name) not in (b"if-none-match", b"if-modified-since")
     ]
     return kept + conditional_headers(entry)
 
@@ -1228,16 +1236,16 @@ def freshen_headers(stored: Headers, headers_304: Headers) -> Headers:
     old value would count the time before the validation twice.
     """
     excluded = _NOT_UPDATED | header_tokens(headers_304, b"connection")
-    stored = [(name, value) for name, value in stored if name.lower() != b"age"]
+    stored = [(name, value) for name, value in stored if lower_name(name) != b"age"]
     updates: dict[bytes, Headers] = {}
     for name, value in headers_304:
-        lname = name.lower()
+        lname = lower_name(name)
         if lname not in excluded:
             updates.setdefault(lname, []).append((name, value))
     out: Headers = []
     emitted: set[bytes] = set()
     for name, value in stored:
-        lname = name.lower()
+        lname = lower_name(name)
         if lname not in updates:
             out.append((name, value))
         elif lname not in emitted:
@@ -1289,7 +1297,7 @@ def not_modified_headers(stored_headers: Headers) -> Headers:
     wanted = set(_NOT_MODIFIED_FIELDS)
     if get_header(stored_headers, b"etag") is None:
         wanted.add(b"last-modified")
-    return [(name, value) for name, value in stored_headers if name.lower() in wanted]
+    return [(name, value) for name, value in stored_headers if lower_name(name) in wanted]
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,8 +24,12 @@ def response_has_body(request_method: str, status: int) -> bool:
 
 
 def serialize_headers(parts: list[bytes], headers: Iterable[tuple[bytes, bytes]]) -> None:
+    # Four appends: compiled, each is a C call, where ``parts += (...)`` builds a tuple first.
     for name, value in headers:
-        parts += (name, b": ", value, CRLF)
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(CRLF)
 
 
 def request_head_bytes(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

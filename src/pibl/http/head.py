@@ -10,25 +10,43 @@ from collections.abc import Iterable
 
 Headers = list[tuple[bytes, bytes]]
 
+# Field names lower-cased, each by the same object every time: a name is looked up several
+# times per message (validation, header rules, logging, the cache), and ``bytes.lower()``
+# allocated a new object, hashed anew by every set lookup, on each of those passes. Bounded:
+# names come from clients, and past the bound a new name costs a plain ``lower()``.
+_LOWER: dict[bytes, bytes] = {}
+_LOWER_MAX = 2048
+
+
+def lower_name(name: bytes) -> bytes:
+    """``name.lower()``, one shared object per distinct name."""
+    lower = _LOWER.get(name)
+    if lower is None:
+        lower = name.lower()
+        if len(_LOWER) < _LOWER_MAX:
+            lower = _LOWER.setdefault(lower, lower)
+            _LOWER[name] = lower
+    return lower
+
 
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The first value of the field ``name`` (given in lower case), or None."""
     for key, value in headers:
-        if key.lower() == name:
+        if lower_name(key) == name:
             return value
     return None
 
 
 def get_all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     """Every value of the field ``name`` (given in lower case), in order."""
-    return [value for key, value in headers if key.lower() == name]
+    return [value for key, value in headers if lower_name(key) == name]
 
 
 def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
     """The lower-cased comma-separated tokens of every ``name`` field (e.g. ``Connection``)."""
     tokens: set[bytes] = set()
     for key, value in headers:
-        if key.lower() == name:
+        if lower_name(key) == name:
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token:
@@ -39,7 +57,7 @@ def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[by
 def get_cookie(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The value of cookie ``name`` from the ``Cookie`` fields (RFC 6265 §5.4), or None."""
     for key, value in headers:
-        if key.lower() != b"cookie":
+        if lower_name(key) != b"cookie":
             continue
         for pair in value.split(b";"):
             cookie_name, sep, cookie_value = pair.strip().partition(b"=")

@@ -5,7 +5,7 @@ user's edit is never silently removed by the sanitiser.
 
 from __future__ import annotations
 
-from pibl.http.head import Headers, RequestHead, ResponseHead
+from pibl.http.head import Headers, RequestHead, ResponseHead, lower_name
 
 # RFC 9110 §7.6.1 plus the de-facto ones Go's ReverseProxy also removes (Proxy-Connection,
 # Keep-Alive, Proxy-Authenticate/-Authorization are single-hop by nature).
@@ -34,12 +34,13 @@ _NOT_FORWARDED = HOP_BY_HOP | _FRAMING
 # Connection values that list no field beyond the hop-by-hop ones (nearly every response).
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_SCHEMES = {"http": b"http", "https": b"https"}
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     tokens: set[bytes] | None = None
     for name, value in headers:
-        if name.lower() == b"connection":
+        if lower_name(name) == b"connection":
             if tokens is None:
                 tokens = set()
             tokens.update([t.strip().lower() for t in value.split(b",")])
@@ -59,9 +60,10 @@ def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Hea
     prior_via: list[bytes] = []
     forwarded_host: bytes | None = None
     forwarded_proto: bytes | None = None
-    has_host = False
-    for name, value in request.headers:
-        lname = name.lower()
+    host_value: bytes | None = None
+    for field in request.headers:
+        name, value = field
+        lname = lower_name(name)
         if lname in _NOT_FORWARDED or lname in listed:
             continue
         if lname in _FORWARDED:
@@ -79,16 +81,17 @@ def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Hea
         elif lname == b"via":
             prior_via.append(value)
             continue
-        elif lname == b"host":
-            has_host = True
-        out.append((name, value))
-    if not has_host and request.host:
+        elif lname == b"host" and host_value is None:
+            host_value = value
+        out.append(field)  # the parsed tuple itself: nothing new to allocate
+    if host_value is None and request.host:
         # HTTP/1.0 clients may omit Host; an absolute-form target still names it (RFC 9112 §3.2.2).
         out.append((b"Host", request.host))
     client = request.client_ip.encode("ascii")
     out.append((b"X-Forwarded-For", b", ".join([*prior_xff, client]) if prior_xff else client))
-    out.append((b"X-Forwarded-Proto", forwarded_proto or request.scheme.encode("ascii")))
-    host = forwarded_host or request.header(b"host") or request.host
+    scheme = _SCHEMES.get(request.scheme) or request.scheme.encode("ascii")
+    out.append((b"X-Forwarded-Proto", forwarded_proto or scheme))
+    host = forwarded_host or host_value or request.host
     if host:
         out.append((b"X-Forwarded-Host", host))
     out.append((b"Via", b", ".join([*prior_via, VIA_VALUE]) if prior_via else VIA_VALUE))
@@ -106,20 +109,20 @@ def downstream_response_headers(response: ResponseHead) -> Headers:
     out: Headers = []
     prior_via: list[bytes] = []
     has_connection = False
-    for name, value in response.headers:
-        lname = name.lower()
+    for field in response.headers:
+        lname = lower_name(field[0])
         if lname in _NOT_FORWARDED:
-            if lname == b"connection" and value not in _PLAIN_CONNECTION:
+            if lname == b"connection" and field[1] not in _PLAIN_CONNECTION:
                 has_connection = True  # it may list other fields
             continue
         if lname == b"via":
-            prior_via.append(value)
+            prior_via.append(field[1])
             continue
-        out.append((name, value))
+        out.append(field)  # the parsed tuple itself: nothing new to allocate
     if has_connection:
         listed = _connection_tokens(response.headers)
         if listed - _NOT_FORWARDED:
-            out = [(n, v) for n, v in out if n.lower() not in listed]
+            out = [(n, v) for n, v in out if lower_name(n) not in listed]
             if b"via" in listed:
                 prior_via = []
     out.append((b"Via", b", ".join([*prior_via, VIA_VALUE]) if prior_via else VIA_VALUE))

@@ -9,7 +9,7 @@ is forwarded.
 from __future__ import annotations
 
 from pibl.errors import ProtocolError
-from pibl.http.head import Headers, RequestHead
+from pibl.http.head import Headers, RequestHead, lower_name
 
 _DIGITS = frozenset(b"0123456789")
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] -- unreserved, pct-encoded,
@@ -40,7 +40,7 @@ def validate_request_head(
     connection_upgrade = False
     upgrade: bytes | None = None
     for name, value in headers:
-        lname = name.lower()
+        lname = lower_name(name)
         if lname == b"host":
             hosts.append(value)
         elif lname == b"content-length":

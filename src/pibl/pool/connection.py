@@ -14,7 +14,7 @@ from typing import Protocol, cast
 import httptools
 
 from pibl.deadline import Deadline
-from pibl.http.head import Headers, ResponseHead
+from pibl.http.head import Headers, ResponseHead, lower_name
 
 # Bytes of response head (interim 1xx heads included) an upstream may send before its final
 # head is complete; beyond it the response is refused (502). llhttp sets no bound of its own,
@@ -238,7 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
         content_length: int | None = None
         is_chunked = False
         for name, value in headers:
-            lname = name.lower()
+            lname = lower_name(name)
             if lname == b"content-length":
                 content_length = int(value)  # llhttp has validated it (digits, no duplicates)
             elif lname == b"transfer-encoding":

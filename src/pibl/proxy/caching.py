@@ -37,7 +37,7 @@ from pibl.cache.ranges import select_range
 from pibl.cache.storage import CacheEntry, CacheStorage, CorruptEntry
 from pibl.deadline import within
 from pibl.http.framing import CRLF, response_head_bytes, serialize_headers
-from pibl.http.head import Headers, RequestHead, ResponseHead
+from pibl.http.head import Headers, RequestHead, ResponseHead, lower_name
 from pibl.http.rules import VIA_VALUE
 from pibl.proxy.exchange import ResponsePlan
 
@@ -339,7 +339,7 @@ _CONDITIONAL_OR_RANGE = frozenset({b"if-none-match", b"if-modified-since", b"ran
 
 
 def _asks_conditional_or_range(headers: Headers) -> bool:
-    return any(name.lower() in _CONDITIONAL_OR_RANGE for name, _ in headers)
+    return any(lower_name(name) in _CONDITIONAL_OR_RANGE for name, _ in headers)
 
 
 def _whole_response(
@@ -367,7 +367,7 @@ def _conditional_or_range(
         return 304, b"Not Modified", not_modified_headers(meta.headers), b""
     status, reason = meta.status, meta.reason
     # Re-framed like every message PIBL sends: the stored length is replaced.
-    headers = [(n, v) for n, v in meta.headers_for_serving(now) if n.lower() not in _FRAMING]
+    headers = [(n, v) for n, v in meta.headers_for_serving(now) if lower_name(n) not in _FRAMING]
     part = select_range(request, meta.headers, status=meta.status, length=entry.body_size)
     if request.method == "HEAD":
         body = b""

@@ -29,7 +29,7 @@ from pibl.http.framing import (
     response_has_body,
     response_head_bytes,
 )
-from pibl.http.head import Headers, RequestHead, ResponseHead
+from pibl.http.head import Headers, RequestHead, ResponseHead, lower_name
 from pibl.http.rules import downstream_response_headers
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ class Exchange:
         headers = downstream_response_headers(head)
         if plan is not None:
             if plan.remove_headers:
-                headers = [h for h in headers if h[0].lower() not in plan.remove_headers]
+                headers = [h for h in headers if lower_name(h[0]) not in plan.remove_headers]
             headers += plan.extra_headers
             self.writer = plan.writer
         has_body = response_has_body(request.method, status)

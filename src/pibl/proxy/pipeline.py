@@ -37,7 +37,7 @@ from pibl.errors import (
     status_for,
 )
 from pibl.http.framing import error_response
-from pibl.http.head import RequestHead, ResponseHead
+from pibl.http.head import RequestHead, ResponseHead, lower_name
 from pibl.http.rules import upstream_request_headers
 from pibl.proxy.caching import CACHEABLE_METHODS, HttpCache, Lookup, ResponseFilter
 from pibl.proxy.exchange import Exchange, ResponsePlan
@@ -300,7 +300,7 @@ class Pipeline:
         sink = DownstreamConnection(tx.down.app)
         sink.client_ip = tx.down.client_ip
         plain = tx.head.with_headers(
-            [(n, v) for n, v in tx.head.headers if n.lower() not in _CLIENT_CONDITIONALS]
+            [(n, v) for n, v in tx.head.headers if lower_name(n) not in _CLIENT_CONDITIONALS]
         )
         plain.method = "GET"
         cycle = RequestCycle(plain)
@@ -544,7 +544,7 @@ def _describe_request(record: AccessRecord, head: RequestHead) -> None:
     record.version = head.version
     record.host = head.host.decode("latin-1")
     for name, value in head.headers:
-        lname = name.lower()
+        lname = lower_name(name)
         if lname == b"user-agent":
             record.user_agent = value.decode("latin-1")
         elif lname == b"referer":
