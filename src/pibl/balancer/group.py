@@ -179,15 +179,32 @@ class UpstreamGroup:
         remaining candidate is at its cap. None means 503 (nothing available, queue full or the
         wait ran out). The caller must count the attempt in ``in_flight`` before its next
         ``await`` and call ``release`` after it."""
+        upstream, must_wait = self.choose_now(request, tried)
+        if must_wait:
+            return await self.wait_for_slot(request, tried)
+        return upstream
+
+    def choose_now(
+        self, request: RequestHead, tried: Sequence[Upstream] = ()
+    ) -> tuple[Upstream | None, bool]:
+        """``choose`` without its wait: (the answer, False), or (None, True) when the request
+        must queue for a slot (``wait_for_slot``). Nearly every request is answered here, with
+        no coroutine to create."""
         if self._waiters:
             self._dispatch()  # freed slots go to those queued first
         upstream, full = self._pick(request, tried)
         if not full:
-            return upstream
+            return upstream, False
         if len(self._waiters) >= self.queue_size:
             self.rejected += 1
             log.debug("upstream pool %r: every server at its cap and the queue full", self.name)
-            return None
+            return None, False
+        return None, True
+
+    async def wait_for_slot(
+        self, request: RequestHead, tried: Sequence[Upstream] = ()
+    ) -> Upstream | None:
+        """Queue until a candidate has a free slot (None: the wait ran out)."""
         return await self._wait(request, tried)
 
     # -- the queue ------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ CRLF line endings, exactly one framing header, never the peer's bytes copied ver
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from http import HTTPStatus
+
+from pibl.http.head import Headers
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 # RFC 9110 §15.5.21 (421) exists in HTTPStatus; 499 is nginx's log-only "client closed request".
@@ -23,7 +24,7 @@ def response_has_body(request_method: str, status: int) -> bool:
     return not (request_method == "HEAD" or status < 200 or status in NO_CONTENT_STATUSES)
 
 
-def serialize_headers(parts: list[bytes], headers: Iterable[tuple[bytes, bytes]]) -> None:
+def serialize_headers(parts: list[bytes], headers: Headers) -> None:
     # Four appends: compiled, each is a C call, where ``parts += (...)`` builds a tuple first.
     for name, value in headers:
         parts.append(name)
@@ -32,7 +33,7 @@ def serialize_headers(parts: list[bytes], headers: Iterable[tuple[bytes, bytes]]
         parts.append(CRLF)
 
 
-def request_head_bytes(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+def request_head_bytes(method: str, target: bytes, headers: Headers) -> bytes:
     parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
     serialize_headers(parts, headers)
     parts.append(CRLF)
@@ -44,9 +45,7 @@ _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 _STATUS_LINES_MAX = 256
 
 
-def response_head_bytes(
-    status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes = b""
-) -> bytes:
+def response_head_bytes(status: int, headers: Headers, reason: bytes = b"") -> bytes:
     # PIBL always speaks HTTP/1.1 (RFC 9110 §6.2: a server sends its highest conformant version).
     line = _STATUS_LINES.get((status, reason))
     if line is None:

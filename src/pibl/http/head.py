@@ -6,8 +6,6 @@ Header names keep the case they arrived in (HTTP field names are case-insensitiv
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 Headers = list[tuple[bytes, bytes]]
 
 # Field names lower-cased, each by the same object every time: a name is looked up several
@@ -29,7 +27,7 @@ def lower_name(name: bytes) -> bytes:
     return lower
 
 
-def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def get_header(headers: Headers, name: bytes) -> bytes | None:
     """The first value of the field ``name`` (given in lower case), or None."""
     for key, value in headers:
         if lower_name(key) == name:
@@ -37,12 +35,12 @@ def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | N
     return None
 
 
-def get_all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+def get_all(headers: Headers, name: bytes) -> list[bytes]:
     """Every value of the field ``name`` (given in lower case), in order."""
     return [value for key, value in headers if lower_name(key) == name]
 
 
-def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+def header_tokens(headers: Headers, name: bytes) -> set[bytes]:
     """The lower-cased comma-separated tokens of every ``name`` field (e.g. ``Connection``)."""
     tokens: set[bytes] = set()
     for key, value in headers:
@@ -54,7 +52,7 @@ def header_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[by
     return tokens
 
 
-def get_cookie(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def get_cookie(headers: Headers, name: bytes) -> bytes | None:
     """The value of cookie ``name`` from the ``Cookie`` fields (RFC 6265 §5.4), or None."""
     for key, value in headers:
         if lower_name(key) != b"cookie":

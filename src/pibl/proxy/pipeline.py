@@ -350,8 +350,12 @@ class Pipeline:
         retry_upstream: Upstream | None = None
         while True:
             # phase 4: select upstream
-            upstream = retry_upstream or await group.choose(head, tried)
+            upstream = retry_upstream
             retry_upstream = None
+            if upstream is None:
+                upstream, must_wait = group.choose_now(head, tried)
+                if must_wait:
+                    upstream = await group.wait_for_slot(head, tried)
             if upstream is None:
                 raise last_error or NoUpstreamAvailable(f"no server available in {group.name!r}")
             if upstream not in tried:
@@ -394,7 +398,7 @@ class Pipeline:
                 pool.release(conn)  # phase 11: reused only if the message ended cleanly
                 status = exchange.response.status if exchange.response else 0
                 # passive health (outlier detection)
-                group.observe(upstream, ok=status < 500, reason=f"status {status}")
+                group.observe(upstream, ok=status < 500, reason=_status_reason(status))
                 record.bytes_sent = exchange.bytes_sent
                 record.upstream_time = time.monotonic() - started
                 record.upstream_status = exchange.response.status if exchange.response else None
@@ -522,6 +526,11 @@ def _with_response_edits(
         return inner(response) if inner is not None else ResponsePlan()
 
     return response_filter
+
+
+def _status_reason(status: int) -> str:
+    # Only a failure's reason is ever shown (an ejection's log line): no string for a success.
+    return f"status {status}" if status >= 500 else ""
 
 
 def _note_partial(record: AccessRecord, exchange: Exchange | None) -> None:
