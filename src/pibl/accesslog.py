@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from typing import ClassVar, Protocol
+from typing import ClassVar, Final, Protocol
 
 from pibl.errors import caused_by
 
@@ -32,7 +32,7 @@ __all__ = [
     "format_json",
 ]
 
-logger = logging.getLogger("pibl.accesslog")
+logger: Final = logging.getLogger("pibl.accesslog")
 
 
 class AccessRecord:
@@ -100,7 +100,7 @@ class AccessRecord:
 
 
 # Field order of the JSON format (and of repr): the order a reader expects, not __slots__'s.
-_FIELD_ORDER = (
+_FIELD_ORDER: Final = (
     "client_addr",
     "start_time",
     "method",
@@ -156,14 +156,27 @@ def _escape_table(extra: str) -> _EscapeTable:
 
 
 # Inside "...": the nginx set.
-_QUOTED = _escape_table("")
+_QUOTED: Final = _escape_table("")
 # Unquoted key=value extras: a space would let a value fake the next field ("HIT route=x").
-_BARE = _escape_table(" ")
+_BARE: Final = _escape_table(" ")
 
 # --- time ----------------------------------------------------------------------------------
 
 # Fixed English names: strftime("%b") follows LC_TIME, and log parsers expect nginx's "Nov".
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTHS: Final = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
 
 
 class _SecondCache:
@@ -178,7 +191,7 @@ class _SecondCache:
         self.iso = ""
 
 
-_time_cache = _SecondCache()
+_time_cache: Final = _SecondCache()
 
 
 def _second_strings(timestamp: float) -> tuple[int, str, str] | None:
@@ -223,7 +236,7 @@ def _time_iso(timestamp: float) -> str | None:
 
 
 # "000" to "999": the fraction of a duration in milliseconds, without formatting a float.
-_MILLIS = tuple([format(i, "03d") for i in range(1000)])
+_MILLIS: Final = tuple([format(i, "03d") for i in range(1000)])
 
 
 def _seconds_text(value: float | None) -> str:
@@ -310,7 +323,7 @@ def _field(value: str, escape: bool, table: _EscapeTable) -> str:
 
 # ensure_ascii escapes control characters, quotes, U+2028/U+2029 and all non-ASCII, so a JSON
 # line can never contain a raw line break or terminal escape; compact separators keep it short.
-_JSON = json.JSONEncoder(ensure_ascii=True, check_circular=False, separators=(",", ":"))
+_JSON: Final = json.JSONEncoder(ensure_ascii=True, check_circular=False, separators=(",", ":"))
 
 
 def format_json(rec: AccessRecord) -> str:
@@ -344,7 +357,7 @@ def format_json(rec: AccessRecord) -> str:
     )
 
 
-FORMATS: dict[str, Formatter] = {"combined": format_combined, "json": format_json}
+FORMATS: Final[dict[str, Formatter]] = {"combined": format_combined, "json": format_json}
 
 
 # --- writers -------------------------------------------------------------------------------
@@ -362,8 +375,8 @@ class AccessLogger(Protocol):
     def close(self) -> None: ...
 
 
-_STDOUT_FD = 1
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+_STDOUT_FD: Final = 1
+_OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT
 
 
 class AccessLog:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from pibl.errors import caused_by
 
@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 # A timer may fire this much before its time (the loop's clock resolution); closer than this
 # to the deadline counts as reached.
-SLACK = 0.001
+SLACK: Final = 0.001
 
 
 class Deadline:

@@ -6,7 +6,7 @@ I/O boundary, so that the pipeline decides on one closed set of cases.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 if TYPE_CHECKING:
     from pibl.balancer.upstream import Upstream
@@ -77,7 +77,7 @@ class ClientDisconnected(PiblError):
 
 
 # nginx logs 499 for a client that closed the connection; it is never sent on the wire.
-STATUS_CLIENT_CLOSED = 499
+STATUS_CLIENT_CLOSED: Final = 499
 
 
 def status_for(error: BaseException) -> int:

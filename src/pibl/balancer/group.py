@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from pibl.balancer.health import (
     DEFAULT_FAIL_TIMEOUT,
@@ -44,11 +45,13 @@ from pibl.pool.pool import ConnectionPool
 
 __all__ = ["DEFAULT_QUEUE", "DEFAULT_QUEUE_TIMEOUT", "UpstreamGroup"]
 
-log = logging.getLogger("pibl.balancer")
+log: Final = logging.getLogger("pibl.balancer")
 
-DEFAULT_QUEUE = 100  # requests waiting for a slot per pool (HAProxy queues without bound)
-DEFAULT_QUEUE_TIMEOUT = 10.0  # seconds; HAProxy's "timeout queue" defaults to timeout connect
-_MIN_WAIT = 0.001  # seconds; never spin on a deadline that is due now
+DEFAULT_QUEUE: Final = 100  # requests waiting for a slot per pool (HAProxy queues without bound)
+DEFAULT_QUEUE_TIMEOUT: Final = (
+    10.0  # seconds; HAProxy's "timeout queue" defaults to timeout connect
+)
+_MIN_WAIT: Final = 0.001  # seconds; never spin on a deadline that is due now
 
 
 @dataclass(eq=False, slots=True)

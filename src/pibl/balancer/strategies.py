@@ -16,7 +16,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from pibl.balancer.upstream import Upstream
 from pibl.http.head import RequestHead, get_cookie, get_header
@@ -234,7 +234,7 @@ class KeySource:
         return value if value else request.client_ip.encode()
 
 
-_TCHARS = frozenset(
+_TCHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
 
@@ -261,7 +261,7 @@ def parse_hash_key(spec: str) -> KeySource:
     )
 
 
-_TWO_POW_53 = float(1 << 53)
+_TWO_POW_53: Final = float(1 << 53)
 
 
 class ConsistentHash:
@@ -313,7 +313,7 @@ class ConsistentHash:
 StrategyFactory = Callable[[str, random.Random | None], Strategy]
 """Builds a strategy from the ``hash_key`` setting and an optional random source."""
 
-STRATEGIES: dict[str, StrategyFactory] = {
+STRATEGIES: Final[dict[str, StrategyFactory]] = {
     "round_robin": lambda hash_key, rng: RoundRobin(),
     "weighted_round_robin": lambda hash_key, rng: WeightedRoundRobin(),
     "least_connections": lambda hash_key, rng: LeastConnections(),

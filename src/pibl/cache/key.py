@@ -19,15 +19,16 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pibl.http.head import RequestHead, get_header
 
 __all__ = ["CacheKey", "key_from_url", "make_key", "normalise_host"]
 
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
 # Version tag of the canonical encoding: bump it if the fields change, so old entries miss.
-_MAGIC = b"pibl-key\x01"
-_LEN = struct.Struct(">I")
+_MAGIC: Final = b"pibl-key\x01"
+_LEN: Final = struct.Struct(">I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,7 @@ def normalise_host(host: str, scheme: str) -> str:
     return f"{name}:{port}"
 
 
-_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^#]*)", re.ASCII | re.DOTALL)
+_ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^#]*)", re.ASCII | re.DOTALL)
 
 
 def _split_absolute(target: str) -> tuple[str, str, str] | None:

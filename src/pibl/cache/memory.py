@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Final
 
 from pibl.cache.key import CacheKey
 from pibl.cache.policy import StoredResponse
 from pibl.cache.storage import BufferedWriter, CacheEntry
 
 # Bookkeeping cost of an entry beyond its body and header bytes (objects, dict slots).
-ENTRY_OVERHEAD_BYTES = 512
+ENTRY_OVERHEAD_BYTES: Final = 512
 
 
 def _head_size(meta: StoredResponse) -> int:

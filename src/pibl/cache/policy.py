@@ -58,7 +58,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urljoin
 
 from pibl.cache.key import CacheKey, key_from_url, make_key
@@ -125,23 +125,23 @@ CacheControl = dict[str, str | None]
 SecondaryKey = tuple[tuple[str, str | None], ...]
 
 # §1.2.2: a delta-seconds too large to represent is taken as 2^31.
-DELTA_SECONDS_MAX = 2**31
+DELTA_SECONDS_MAX: Final = 2**31
 # §4.2.2 suggests 10% of the time since Last-Modified; the cap is PIBL's choice.
-HEURISTIC_FRACTION = 0.1
-HEURISTIC_CAP = 24 * 3600.0
+HEURISTIC_FRACTION: Final = 0.1
+HEURISTIC_CAP: Final = 24 * 3600.0
 # RFC 9110 §15.1 "heuristically cacheable" codes, minus 206 (PIBL has no range support), plus
 # 451 (RFC 7725 §3: "cacheable by default").
-HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 451, 501})
+HEURISTIC_STATUSES: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 451, 501})
 # Final codes whose caching rules PIBL implements, for ``must-understand`` (§5.2.2.3).
-UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | frozenset(
+UNDERSTOOD_STATUSES: Final = HEURISTIC_STATUSES | frozenset(
     {201, 202, 205, 302, 303, 307, *range(400, 418), 421, 422, 426, 500, 502, 503, 504, 505}
 )
 # RFC 5861 §4: "an error is any situation that would result in a 500, 502, 503, or 504".
-ERROR_STATUSES = frozenset({500, 502, 503, 504})
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.1
+ERROR_STATUSES: Final = frozenset({500, 502, 503, 504})
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.1
 
 # §3.1: hop-by-hop fields (RFC 9110 §7.6.1) and fields specific to the proxy hop are not stored.
-_NOT_STORED = frozenset(
+_NOT_STORED: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -160,7 +160,7 @@ _NOT_STORED = frozenset(
 # describing the stored bytes themselves: their coding, digests and range, and the entity-tag
 # that identifies them (a 304 confirms the stored representation; it cannot relabel it). These
 # are the fields draft-ietf-httpbis-cache listed before RFC 9111 made the list a judgement call.
-_NOT_UPDATED = _NOT_STORED | {
+_NOT_UPDATED: Final = _NOT_STORED | {
     b"content-length",
     b"content-encoding",
     b"content-range",
@@ -171,16 +171,18 @@ _NOT_UPDATED = _NOT_STORED | {
     b"etag",
 }
 # RFC 9110 §15.4.5: what a 304 carries (Last-Modified only to help when there is no ETag).
-_NOT_MODIFIED_FIELDS = frozenset(
+_NOT_MODIFIED_FIELDS: Final = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
 )
-_UNKNOWN_LIFETIME = 1.0  # see _lifetime
-_ABSENT = "\x00absent"  # a ``dict.get`` default no directive value can equal
+_UNKNOWN_LIFETIME: Final = 1.0  # see _lifetime
+_ABSENT: Final = "\x00absent"  # a ``dict.get`` default no directive value can equal
 
 # --------------------------------------------------------------------------------------------
 # Cache-Control (§5.2)
 
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TCHAR: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
 
 
 def _skip_element(text: str, i: int) -> int:
@@ -310,10 +312,10 @@ def only_if_cached(request: RequestHead) -> bool:
 # ``stale-if-error`` (§2.2.3's freshness extension). The members PIBL consumed are removed
 # before the response goes downstream.
 
-SURROGATE_DEVICE = "pibl"
-SURROGATE_CAPABILITY = SURROGATE_DEVICE.encode("ascii") + b'="Surrogate/1.0"'
+SURROGATE_DEVICE: Final = "pibl"
+SURROGATE_CAPABILITY: Final = SURROGATE_DEVICE.encode("ascii") + b'="Surrogate/1.0"'
 # The Cache-Control directives a Surrogate-Control addressed to PIBL replaces.
-_SURROGATE_REPLACES = frozenset(
+_SURROGATE_REPLACES: Final = frozenset(
     {
         "max-age",
         "s-maxage",
@@ -427,16 +429,29 @@ def with_surrogate_capability(headers: Headers) -> Headers:
 # --------------------------------------------------------------------------------------------
 # HTTP-date (RFC 9110 §5.6.7)
 
-_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, 1)}
-_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
-_LONG_DAY = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
-_MON = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-_TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
-_FLAGS = re.ASCII | re.IGNORECASE  # names are matched case-insensitively, for robustness
-_IMF_FIXDATE = re.compile(rf"{_DAY}, ([0-9]{{2}}) {_MON} ([0-9]{{4}}) {_TIME} GMT", _FLAGS)
-_RFC850 = re.compile(rf"{_LONG_DAY}, ([0-9]{{2}})-{_MON}-([0-9]{{2}}) {_TIME} GMT", _FLAGS)
-_ASCTIME = re.compile(rf"{_DAY} {_MON} ([0-9]{{2}}| [0-9]) {_TIME} ([0-9]{{4}})", _FLAGS)
+_MONTH_NAMES: Final = (
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "may",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "oct",
+    "nov",
+    "dec",
+)
+_MONTHS: Final = {name: number for number, name in enumerate(_MONTH_NAMES, 1)}
+_DAY: Final = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAY: Final = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MON: Final = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME: Final = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
+_FLAGS: Final = re.ASCII | re.IGNORECASE  # names are matched case-insensitively, for robustness
+_IMF_FIXDATE: Final = re.compile(rf"{_DAY}, ([0-9]{{2}}) {_MON} ([0-9]{{4}}) {_TIME} GMT", _FLAGS)
+_RFC850: Final = re.compile(rf"{_LONG_DAY}, ([0-9]{{2}})-{_MON}-([0-9]{{2}}) {_TIME} GMT", _FLAGS)
+_ASCTIME: Final = re.compile(rf"{_DAY} {_MON} ([0-9]{{2}}| [0-9]) {_TIME} ([0-9]{{4}})", _FLAGS)
 
 
 def _rfc850_year(yy: int, now: float | None) -> int:
@@ -521,8 +536,10 @@ def _has_validators(headers: Headers) -> bool:
 # ranges (RFC 4647 §2), content-codings (RFC 9110 §8.4.1) and charsets (§8.3.2) are, and so is
 # the ``q`` weight, whose ``;`` may have whitespace around it (RFC 9110 §12.4.2). Member order is
 # kept: some origins read it as a preference among equal weights (RFC 9110 §12.5.4).
-_CASE_INSENSITIVE_FIELDS = frozenset({b"accept-language", b"accept-encoding", b"accept-charset"})
-_PARAMETER_SPACE = re.compile(r"[ \t]*;[ \t]*")
+_CASE_INSENSITIVE_FIELDS: Final = frozenset(
+    {b"accept-language", b"accept-encoding", b"accept-charset"}
+)
+_PARAMETER_SPACE: Final = re.compile(r"[ \t]*;[ \t]*")
 
 
 def _normalised_field(headers: Headers, name: bytes) -> str | None:
@@ -769,8 +786,8 @@ def vary_matches(stored: SecondaryKey, request: RequestHead) -> bool:
 # Fields a stored response is never served with as stored: ``Age`` is recomputed (§5.1),
 # ``Surrogate-Control`` is reduced to the members for other devices, and the message framing is
 # PIBL's own (RFC 9112 §6).
-_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
-_REPLACED_WHEN_SERVED = frozenset({b"age", b"surrogate-control"})
+_FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding"})
+_REPLACED_WHEN_SERVED: Final = frozenset({b"age", b"surrogate-control"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -1338,7 +1355,7 @@ def age_header(age: float) -> bytes:
     return str(min(max(int(age), 0), DELTA_SECONDS_MAX)).encode("ascii")
 
 
-_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*", re.ASCII)
+_SF_TOKEN: Final = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*", re.ASCII)
 
 
 def _sf_item(value: str) -> str:

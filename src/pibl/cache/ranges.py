@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from pibl.cache.policy import parse_http_date
 from pibl.http.head import Headers, RequestHead, get_all, get_header
 
 __all__ = ["RangeReply", "select_range"]
 
-_INT_RANGE = re.compile(r"([0-9]+)-([0-9]*)", re.ASCII)
-_SUFFIX_RANGE = re.compile(r"-([0-9]+)", re.ASCII)
+_INT_RANGE: Final = re.compile(r"([0-9]+)-([0-9]*)", re.ASCII)
+_SUFFIX_RANGE: Final = re.compile(r"-([0-9]+)", re.ASCII)
 # RFC 9110 §8.8.2.2: a Last-Modified is strong only if at least this long before Date.
-_STRONG_LM_SECONDS = 1.0
+_STRONG_LM_SECONDS: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)

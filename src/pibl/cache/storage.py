@@ -10,7 +10,7 @@ never produces an entry.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
@@ -120,7 +120,7 @@ def _redis(settings: CacheSettings) -> CacheStorage:
     return RedisStorage(settings.redis_url, settings.max_object_size, prefix=settings.redis_prefix)
 
 
-STORAGES: dict[str, StorageFactory] = {"memory": _memory, "disk": _disk, "redis": _redis}
+STORAGES: Final[dict[str, StorageFactory]] = {"memory": _memory, "disk": _disk, "redis": _redis}
 
 
 def make_storage(settings: CacheSettings) -> CacheStorage:

@@ -5,18 +5,19 @@ CRLF line endings, exactly one framing header, never the peer's bytes copied ver
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 from pibl.http.head import Headers
 
-REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 # RFC 9110 §15.5.21 (421) exists in HTTPStatus; 499 is nginx's log-only "client closed request".
 REASONS.setdefault(499, b"Client Closed Request")
 
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
-NO_CONTENT_STATUSES = frozenset({204, 304})
+NO_CONTENT_STATUSES: Final = frozenset({204, 304})
 
 
 def response_has_body(request_method: str, status: int) -> bool:
@@ -41,8 +42,8 @@ def request_head_bytes(method: str, target: bytes, headers: Headers) -> bytes:
 
 
 # Status lines built once: a handful of (status, reason) pairs cover nearly every response.
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-_STATUS_LINES_MAX = 256
+_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
+_STATUS_LINES_MAX: Final = 256
 
 
 def response_head_bytes(status: int, headers: Headers, reason: bytes = b"") -> bytes:

@@ -6,14 +6,16 @@ Header names keep the case they arrived in (HTTP field names are case-insensitiv
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
 
 # Field names lower-cased, each by the same object every time: a name is looked up several
 # times per message (validation, header rules, logging, the cache), and ``bytes.lower()``
 # allocated a new object, hashed anew by every set lookup, on each of those passes. Bounded:
 # names come from clients, and past the bound a new name costs a plain ``lower()``.
-_LOWER: dict[bytes, bytes] = {}
-_LOWER_MAX = 2048
+_LOWER: Final[dict[bytes, bytes]] = {}
+_LOWER_MAX: Final = 2048
 
 
 def lower_name(name: bytes) -> bytes:

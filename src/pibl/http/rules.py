@@ -5,11 +5,13 @@ user's edit is never silently removed by the sanitiser.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pibl.http.head import Headers, RequestHead, ResponseHead, lower_name
 
 # RFC 9110 §7.6.1 plus the de-facto ones Go's ReverseProxy also removes (Proxy-Connection,
 # Keep-Alive, Proxy-Authenticate/-Authorization are single-hop by nature).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"proxy-connection",
@@ -23,18 +25,18 @@ HOP_BY_HOP = frozenset(
     }
 )
 # PIBL re-frames every message, so the peer's Content-Length is replaced, never copied.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_FORWARDED = frozenset(
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+_FORWARDED: Final = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
 )
-VIA_VALUE = b"1.1 pibl"
+VIA_VALUE: Final = b"1.1 pibl"
 
 
-_NOT_FORWARDED = HOP_BY_HOP | _FRAMING
+_NOT_FORWARDED: Final = HOP_BY_HOP | _FRAMING
 # Connection values that list no field beyond the hop-by-hop ones (nearly every response).
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-_NO_TOKENS: frozenset[bytes] = frozenset()
-_SCHEMES = {"http": b"http", "https": b"https"}
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_SCHEMES: Final = {"http": b"http", "https": b"https"}
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:

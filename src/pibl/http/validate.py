@@ -8,14 +8,16 @@ is forwarded.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pibl.errors import ProtocolError
 from pibl.http.head import Headers, RequestHead, lower_name
 
-_DIGITS = frozenset(b"0123456789")
+_DIGITS: Final = frozenset(b"0123456789")
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] -- unreserved, pct-encoded,
 # sub-delims, ":" and the brackets of an IP literal. Anything else (spaces, "/", "@", obs-text)
 # is "a Host header field with an invalid field value" that RFC 9112 §3.2 answers with 400.
-_HOST_CHARS = frozenset(
+_HOST_CHARS: Final = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 )
 

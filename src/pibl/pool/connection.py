@@ -9,7 +9,7 @@ it unusable.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -20,7 +20,7 @@ from pibl.http.head import Headers, ResponseHead, lower_name
 # head is complete; beyond it the response is refused (502). llhttp sets no bound of its own,
 # so without this a broken upstream grows PIBL's memory until the read timeout. nginx's
 # proxy_buffer_size is 4 or 8 KiB, HAProxy's tune.bufsize 16 KiB, Envoy's default 60 KiB.
-MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
 
 
 class UnsolicitedResponse(Exception):

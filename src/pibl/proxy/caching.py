@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pibl.cache.key import CacheKey, make_key
 from pibl.cache.policy import (
@@ -45,18 +45,18 @@ if TYPE_CHECKING:
     from pibl.accesslog import AccessRecord
     from pibl.server.downstream import DownstreamConnection, RequestCycle
 
-log = logging.getLogger("pibl.cache")
+log: Final = logging.getLogger("pibl.cache")
 
 # How long a request waits for another request's fetch of the same URL before fetching itself
 # (nginx proxy_cache_lock_timeout is 5 s).
-COALESCE_WAIT = 5.0
-CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+COALESCE_WAIT: Final = 5.0
+CACHEABLE_METHODS: Final = frozenset({"GET", "HEAD"})
 # The keys of recent request targets are remembered (make_key normalises the authority and
 # builds a key on every request: a good part of a hit's cost). Targets and hosts come from
 # clients, so only short ones are kept and the table is emptied when full: a few MiB at most.
-KEY_MEMO_ENTRIES = 1024
-KEY_MEMO_MAX_BYTES = 1024  # of host + target
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+KEY_MEMO_ENTRIES: Final = 1024
+KEY_MEMO_MAX_BYTES: Final = 1024  # of host + target
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 
 
 def select_variant(entries: list[CacheEntry], request: RequestHead) -> CacheEntry | None:
@@ -168,7 +168,7 @@ class ResponseFilter:
         )
 
 
-_SURROGATE_FIELD = frozenset({b"surrogate-control"})
+_SURROGATE_FIELD: Final = frozenset({b"surrogate-control"})
 
 
 def _surrogate_edits(response: ResponseHead) -> Headers:
@@ -335,7 +335,7 @@ class HttpCache:
 
 # A request with one of these may be answered with 304 (§4.3.2) or a part (RFC 9110 §14.2);
 # without them, client_conditional_matches() is False and select_range() None.
-_CONDITIONAL_OR_RANGE = frozenset({b"if-none-match", b"if-modified-since", b"range"})
+_CONDITIONAL_OR_RANGE: Final = frozenset({b"if-none-match", b"if-modified-since", b"range"})
 
 
 def _asks_conditional_or_range(headers: Headers) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pibl.deadline import Deadline
 from pibl.errors import (
@@ -38,12 +38,12 @@ if TYPE_CHECKING:
     from pibl.pool.connection import UpstreamConnection
     from pibl.server.downstream import DownstreamConnection, RequestCycle
 
-log = logging.getLogger("pibl.proxy")
+log: Final = logging.getLogger("pibl.proxy")
 
-CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUE_RESPONSE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # How long to wait for an upstream's 100 (Continue) before sending the body anyway: curl's
 # and Go's Transport.ExpectContinueTimeout default.
-EXPECT_CONTINUE_TIMEOUT = 1.0
+EXPECT_CONTINUE_TIMEOUT: Final = 1.0
 
 
 class ResponsePlan:
@@ -491,4 +491,4 @@ class Exchange:
 
 # Methods whose requests carry Content-Length: 0 meaningfully (RFC 9110 §8.6: a user agent
 # SHOULD send it for POST/PUT with no content); others with no body send no framing header.
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})

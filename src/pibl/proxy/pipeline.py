@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pibl.accesslog import AccessLogger, AccessRecord
 from pibl.balancer.upstream import Upstream
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from pibl.proxy.routing import Route, Router
     from pibl.server.downstream import DownstreamConnection, RequestCycle
 
-log = logging.getLogger("pibl.proxy")
+log: Final = logging.getLogger("pibl.proxy")
 
 
 class InternalError(PiblError):
@@ -484,7 +484,7 @@ class Pipeline:
 
 
 # A background revalidation must not carry the client's own conditionals (§4.3.1).
-_CLIENT_CONDITIONALS = frozenset(
+_CLIENT_CONDITIONALS: Final = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
 )
 

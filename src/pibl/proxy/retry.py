@@ -6,10 +6,12 @@ rule for a reused connection that died before answering (RFC 9112 §9.3.1 keep-a
 
 from __future__ import annotations
 
+from typing import Final
+
 from pibl.errors import ClientDisconnected, UpstreamClosed, UpstreamConnectError, UpstreamError
 
 # RFC 9110 §9.2.2.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def should_retry(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from pibl.http.head import Headers
 from pibl.http.rules import HOP_BY_HOP
@@ -28,7 +29,7 @@ from pibl.http.rules import HOP_BY_HOP
 __all__ = ["UNEDITABLE", "HeaderEdits", "strip_prefix"]
 
 # PIBL re-frames every message and owns the connection: edits of these would desync framing.
-UNEDITABLE = HOP_BY_HOP | {b"content-length"}
+UNEDITABLE: Final = HOP_BY_HOP | {b"content-length"}
 
 
 @dataclass(frozen=True, slots=True)

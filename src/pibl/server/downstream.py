@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -29,13 +29,13 @@ if TYPE_CHECKING:
     from pibl.config import ServerSettings
     from pibl.server.app import ProxyApp
 
-log = logging.getLogger("pibl.server")
+log: Final = logging.getLogger("pibl.server")
 
 # A request body is buffered up to this much while its request waits its turn or its upstream
 # connection is being opened; beyond it the client socket stops being read (back-pressure).
-BODY_BUFFER_BYTES = 256 * 1024
+BODY_BUFFER_BYTES: Final = 256 * 1024
 # Pipelined requests queued beyond this pause reading (nginx and HAProxy bound them too).
-MAX_PIPELINED = 16
+MAX_PIPELINED: Final = 16
 
 
 class RequestCycle:
