@@ -16,6 +16,7 @@ from setuptools import setup
 COMPILED_MODULES = [
     "accesslog.py",
     "balancer/group.py",
+    "balancer/health.py",
     "balancer/strategies.py",
     "balancer/upstream.py",
     "cache/key.py",
