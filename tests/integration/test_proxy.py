@@ -83,6 +83,26 @@ async def test_keep_alive_reuses_one_upstream_connection() -> None:
         assert len(backends[0].requests) == 25
 
 
+async def test_one_serving_coroutine_answers_a_connection_and_ends_with_it() -> None:
+    async with running_backends(count=1) as backends, running_proxy(make_settings(backends)) as app:
+        client = await Client.connect(app.addresses[0])
+        assert (await client.request("GET", "/first")).status == 200
+        [conn] = app.connections
+        seen = set()
+        for i in range(5):
+            assert (await client.request("GET", f"/{i}")).status == 200
+            await wait_until(lambda: conn.task is None)  # parked between requests
+            seen.add(id(conn._serving))
+        serving = conn._serving
+        assert serving is not None
+        assert len(seen) == 1
+        assert serving.parked
+        await client.aclose()
+        await wait_until(lambda: not app.connections)
+        assert serving.done()  # closed with its connection, not left parked
+        assert conn._serving is None
+
+
 async def test_http10_client_gets_close_delimited_or_keep_alive() -> None:
     async def chunked(req: Received) -> Reply:
         return Reply(body=b"streamed body", chunked=True)

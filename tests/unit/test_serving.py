@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pibl.deadline import within
-from pibl.server.downstream import Serving
+from pibl.server.downstream import PARK, Serving
 
 
 class Crashes:
@@ -45,7 +45,7 @@ async def test_runs_to_the_end_without_waiting_when_nothing_waits() -> None:
     serving = await drive(body())
     assert seen == ["ran"]
     assert serving.done()
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
 
 
 async def test_resumes_from_the_future_it_waits_on_with_its_result_or_error() -> None:
@@ -68,7 +68,7 @@ async def test_resumes_from_the_future_it_waits_on_with_its_result_or_error() ->
     first.set_result(7)
     error = KeyError("x")
     loop.call_soon(second.set_exception, error)
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert seen == [None, 7, error]
     assert serving.done()
 
@@ -85,7 +85,7 @@ async def test_a_bare_yield_waits_one_turn_of_the_loop() -> None:
     serving = Serving(body(), loop, Crashes())
     assert serving.step()  # still running: it asked for a turn of the loop
     seen.append("step returned")
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert seen == [1, "step returned", 2]
 
 
@@ -103,7 +103,7 @@ async def test_cancel_raises_cancelled_error_where_it_waits_and_runs_its_cleanup
     serving = await drive(body())
     assert serving.cancel()
     assert never.cancelled()  # as Task.cancel does with the future its task waits on
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert cleaned.result()
     assert serving.done()
     assert not serving.cancel()  # over: nothing left to cancel
@@ -125,7 +125,7 @@ async def test_cancel_after_the_wait_ended_is_thrown_in_at_the_next_step() -> No
     serving = await drive(body())
     ready.set_result(None)  # its wake-up is scheduled; the future can no longer be cancelled
     assert serving.cancel()
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert outcome == ["cancelled"]
 
 
@@ -143,7 +143,7 @@ async def test_an_exception_out_of_the_coroutine_is_reported_once(
     serving = await drive(body(), crashes)
     with caplog.at_level(logging.ERROR, logger="test"):
         ready.set_result(None)
-        await asyncio.wait_for(serving.finished(), 5)
+        await asyncio.wait_for(serving.idle(), 5)
     assert crashes.calls == 1
     [record] = caplog.records
     assert record.exc_info is not None
@@ -164,8 +164,60 @@ async def test_yielding_something_other_than_a_future_is_raised_inside() -> None
             caught.append(error)
 
     serving = await drive(body())
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert "not a future" in str(caught[0])
+
+
+async def test_a_parked_coroutine_waits_for_the_next_step_and_idle_completes() -> None:
+    loop = asyncio.get_running_loop()
+    rounds: list[int] = []
+
+    async def body() -> None:
+        for number in range(3):
+            rounds.append(number)
+            await PARK
+
+    serving = await drive(body())
+    assert rounds == [0]
+    assert serving.parked
+    await asyncio.wait_for(serving.idle(), 5)  # already parked: completes at once
+    loop.call_soon(serving.step)
+    await asyncio.wait_for(serving.idle(), 5)  # completes at the next park
+    assert rounds == [0, 1]
+    assert serving.parked
+    assert not serving.done()
+
+
+async def test_closing_a_parked_coroutine_runs_its_cleanup() -> None:
+    cleaned: list[bool] = []
+
+    async def body() -> None:
+        try:
+            await PARK
+        finally:
+            cleaned.append(True)
+
+    serving = await drive(body())
+    serving.close()
+    assert cleaned == [True]
+    assert serving.done()
+    assert not serving.parked
+
+
+async def test_cancelling_a_parked_coroutine_ends_it_at_once() -> None:
+    outcome: list[str] = []
+
+    async def body() -> None:
+        try:
+            await PARK
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+
+    serving = await drive(body())
+    assert serving.cancel()
+    assert outcome == ["cancelled"]
+    assert serving.done()
 
 
 # -- within --------------------------------------------------------------------------------
@@ -209,7 +261,7 @@ async def test_within_needs_no_current_task() -> None:
             outcome.append(error)
 
     serving = await drive(body())
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert isinstance(outcome[0], TimeoutError)
 
 
@@ -228,5 +280,5 @@ async def test_within_passes_the_callers_own_cancellation_through() -> None:
 
     serving = await drive(body())
     serving.cancel()
-    await asyncio.wait_for(serving.finished(), 5)
+    await asyncio.wait_for(serving.idle(), 5)
     assert outcome == ["cancelled"]

@@ -110,9 +110,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[RequestCycle] = deque()
         self.receiving: RequestCycle | None = None
-        # What runs ``_serve`` while it waits: a Serving, or a Task when the pipeline is not
-        # eager (see ``_serve_eagerly``).
+        # What is answering requests now (None when nothing is queued): the serving coroutine's
+        # driver, or a Task when the pipeline is not eager (see ``_start_serving``).
         self.task: Serving | asyncio.Task[None] | None = None
+        self._serving: Serving | None = None  # kept, parked, between requests
         self._serve_pending = False  # a request was queued by this read: serve once it is parsed
         self.is_closed = False
         self.is_writable = True
@@ -212,7 +213,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self._serve_pending:
             self._serve_pending = False
             if self.task is None and self.queue:
-                self._serve_eagerly()
+                self._start_serving()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_eof is not None:
@@ -243,6 +244,9 @@ class DownstreamConnection(asyncio.Protocol):
                 app.waiting.remove(self)
         if self.on_lost is not None:
             self.on_lost()
+        serving = self._serving
+        if serving is not None and self.task is None:
+            serving.close()  # parked: nothing more will come to resume it
 
     def pause_writing(self) -> None:
         self.is_writable = False
@@ -310,11 +314,8 @@ class DownstreamConnection(asyncio.Protocol):
         if len(self.queue) > MAX_PIPELINED:
             self._pause_reading()
         if self.task is None:
-            if self.handler is not None or self.app.pipeline.eager:
-                # Served when data_received has parsed this read (not from inside the parser).
-                self._serve_pending = True
-            else:
-                self.task = self.loop.create_task(self._serve())
+            # Served when data_received has parsed this read (not from inside the parser).
+            self._serve_pending = True
 
     def on_body(self, body: bytes) -> None:
         self._stalled_bytes = 0
@@ -341,17 +342,27 @@ class DownstreamConnection(asyncio.Protocol):
             cycle.end()
 
     # -- serving -------------------------------------------------------------------------------
-    def _serve_eagerly(self) -> None:
-        """Run ``_serve`` at once, up to its first wait, then from each wait's callback.
+    def _start_serving(self) -> None:
+        """Answer what is queued, starting at once, in this callback.
 
-        A cache hit is answered without ever waiting; a proxied request leaves for the upstream
-        in this same callback, a loop iteration earlier, and resumes from its exchange's
-        callback (``Serving``). There is never a current task, so nothing on the way may need
-        one (``asyncio.timeout`` does): ``Pipeline.eager`` says whether that holds.
+        One serving coroutine per connection (``_serve_forever``) answers every request: it
+        runs from here up to its first wait, is resumed by the future it waits on
+        (``Serving``), and parks when the queue is empty until the next request resumes it.
+        A cache hit is thus answered without a task, a future or even a new coroutine, and a
+        proxied request leaves for the upstream in this same callback. There is never a
+        current task on the way, so nothing may need one (``asyncio.timeout`` does):
+        ``Pipeline.eager`` says whether that holds, and a Task per busy period serves when it
+        does not (Redis storage).
         """
-        serving = Serving(self._serve(), self.loop, self._on_serve_crash)
-        if serving.step():
-            self.task = serving
+        if self.handler is None and not self.app.pipeline.eager:
+            self.task = self.loop.create_task(self._serve())
+            return
+        serving = self._serving
+        if serving is None:
+            serving = Serving(self._serve_forever(), self.loop, self._on_serve_crash)
+            self._serving = serving
+        self.task = serving
+        serving.step()
 
     def _on_serve_crash(self) -> None:
         log.exception("unexpected error while serving %s", self.client_addr)
@@ -364,25 +375,40 @@ class DownstreamConnection(asyncio.Protocol):
             done: asyncio.Future[None] = self.loop.create_future()
             done.set_result(None)
             return done
-        return task if isinstance(task, asyncio.Task) else task.finished()
+        return task if isinstance(task, asyncio.Task) else task.idle()
+
+    async def _serve_forever(self) -> None:
+        try:
+            while not self.is_closed:
+                await self._serve_queued()
+                if self.is_closed:
+                    return
+                self.task = None
+                await PARK  # until _start_serving resumes it
+        finally:
+            self.task = None
+            self._serving = None
 
     async def _serve(self) -> None:
         try:
-            while self.queue and not self.is_closed:
-                cycle = self.queue[0]
-                keep_open = await (self.handler or self.app.pipeline.handle)(self, cycle)
-                self.queue.popleft()
-                if not keep_open or self.is_closed:
-                    self.close()
-                    return
-                if self.reading_paused and len(self.queue) <= MAX_PIPELINED:
-                    self.resume_reading()
-            if self.stop_parsing and self.tunnel_sink is None:
-                self.close()  # the client half-closed and everything was answered
-            elif not self.is_closed:
-                self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
+            await self._serve_queued()
         finally:
             self.task = None
+
+    async def _serve_queued(self) -> None:
+        while self.queue and not self.is_closed:
+            cycle = self.queue[0]
+            keep_open = await (self.handler or self.app.pipeline.handle)(self, cycle)
+            self.queue.popleft()
+            if not keep_open or self.is_closed:
+                self.close()
+                return
+            if self.reading_paused and len(self.queue) <= MAX_PIPELINED:
+                self.resume_reading()
+        if self.stop_parsing and self.tunnel_sink is None:
+            self.close()  # the client half-closed and everything was answered
+        elif not self.is_closed:
+            self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.is_closed:
@@ -432,7 +458,7 @@ class DownstreamConnection(asyncio.Protocol):
                 return
         self.queue.append(RequestCycle(None, error))
         if self.task is None:
-            self.task = self.loop.create_task(self._serve())
+            self._start_serving()
 
     # -- timers --------------------------------------------------------------------------------
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
@@ -469,22 +495,27 @@ class DownstreamConnection(asyncio.Protocol):
 
 
 class Serving:
-    """Drives a connection's ``_serve`` coroutine without an asyncio Task.
+    """Drives a connection's serving coroutine without an asyncio Task.
 
     A Task per request was a measurable share of a proxied request (its creation, the
     registration in asyncio's weak set of all tasks, a loop iteration for its first step, its
-    completion). Every wait in PIBL's request path is an asyncio future (an exchange's ``done``,
-    a connect, a disk read), so the driver does what a Task does with one: it adds itself as the
-    future's done-callback and sends into the coroutine when it is called; ``Future.__await__``
-    then returns the result or raises. There is no current task while it runs: nothing in the
-    request path may need one (``Pipeline.eager``; ``deadline.within`` replaces
-    ``asyncio.timeout``).
+    completion), and so was a coroutine per request: the ``StopIteration`` that ends one costs a
+    traceback entry when it reaches compiled code. Here one coroutine lives as long as its
+    connection and is in one of three states:
 
-    It answers what the server asks of a Task: ``done()``, ``cancel()`` (the future being
-    waited on is cancelled, as Task.cancel does) and ``finished()`` to wait for the end.
+    - running, inside ``step``;
+    - waiting on an asyncio future (an exchange's ``done``, a connect, a disk read): the driver
+      does what a Task does with it, it adds itself as the future's done-callback and sends
+      into the coroutine when called, and ``Future.__await__`` returns the result or raises;
+    - parked on ``PARK`` while no request is queued, until ``step`` is called again.
+
+    There is no current task while it runs: nothing in the request path may need one
+    (``Pipeline.eager``; ``deadline.within`` replaces ``asyncio.timeout``). It answers what the
+    server asks of a Task: ``done()``, ``cancel()`` (the future being waited on is cancelled, as
+    Task.cancel does) and ``idle()``, a future for the next park or the end.
     """
 
-    __slots__ = ("_coro", "_done", "_finished", "_loop", "_on_crash", "_throw", "_waiting")
+    __slots__ = ("_coro", "_done", "_idle", "_loop", "_on_crash", "_throw", "_waiting", "parked")
 
     def __init__(
         self,
@@ -498,10 +529,12 @@ class Serving:
         self._waiting: asyncio.Future[Any] | None = None
         self._throw: BaseException | None = None  # thrown in at the next step
         self._done = False
-        self._finished: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self.parked = False
 
     def step(self) -> bool:
-        """Run the coroutine to its next wait; returns whether it is still running."""
+        """Run the coroutine to its next wait or park; returns whether it has not ended."""
+        self.parked = False
         coro = self._coro
         try:
             error = self._throw
@@ -517,7 +550,10 @@ class Serving:
         except Exception:
             self._on_crash()
             return self._end()
-        if getattr(yielded, "_asyncio_future_blocking", None):
+        if yielded is PARK:
+            self.parked = True
+            self._wake_idle()
+        elif getattr(yielded, "_asyncio_future_blocking", None):
             # An asyncio future (Future.__await__ yields itself with this flag set).
             future = cast("asyncio.Future[Any]", yielded)
             future._asyncio_future_blocking = False
@@ -540,11 +576,17 @@ class Serving:
 
     def _end(self) -> bool:
         self._done = True
+        self.parked = False
         self._waiting = None
-        finished = self._finished
-        if finished is not None and not finished.done():
-            finished.set_result(None)
+        self._wake_idle()
         return False
+
+    def _wake_idle(self) -> None:
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            if not idle.done():
+                idle.set_result(None)
 
     def done(self) -> bool:
         return self._done
@@ -552,22 +594,50 @@ class Serving:
     def cancel(self) -> bool:
         if self._done:
             return False
+        if self.parked:
+            self._throw = asyncio.CancelledError()
+            self.step()
+            return True
         waiting = self._waiting
         if waiting is None or not waiting.cancel():
             self._throw = asyncio.CancelledError()  # its wake-up is already on its way
         return True
 
-    def finished(self) -> asyncio.Future[None]:
-        """A future that completes when the coroutine has ended (however it ended)."""
-        finished = self._finished
-        if finished is None:
-            finished = self._finished = self._loop.create_future()
-            if self._done:
-                finished.set_result(None)
-        return finished
+    def close(self) -> None:
+        """End a parked coroutine (its connection is gone): ``finally`` blocks run."""
+        if self._done:
+            return
+        try:
+            self._coro.close()
+        except Exception:
+            self._on_crash()
+        self._end()
+
+    def idle(self) -> asyncio.Future[None]:
+        """A future that completes when the coroutine next parks, or ends."""
+        idle = self._idle
+        if idle is None:
+            idle = self._idle = self._loop.create_future()
+            if self._done or self.parked:
+                self._idle = None
+                idle.set_result(None)
+        return idle
 
     def __await__(self) -> Generator[Any, None, None]:
-        return self.finished().__await__()
+        return self.idle().__await__()
+
+
+class _Park:
+    """What the serving coroutine awaits while nothing is queued: it yields itself to its
+    ``Serving``, which keeps the coroutine, unscheduled, until the next request steps it."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield self
+
+
+PARK: Final = _Park()
 
 
 def _shortest_timeout(limits: ServerSettings) -> float:
