@@ -310,6 +310,7 @@ def _tune_gc() -> None:
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_GC_THRESHOLD, middle, oldest)
 
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -88,7 +88,7 @@ async def within(awaitable: Awaitable[T], timeout: float) -> T:
     ``TimeoutError`` raised.
 
     ``asyncio.timeout`` (and ``wait_for`` since Python 3.12, which is built on it) needs a
-    current task; requests run without one (``DownstreamConnection._serve_eagerly``), so the
+    current task; requests run without one (``DownstreamConnection._start_serving``), so the
     pool's connect and the cache's coalescing wait time themselves with this instead.
     """
     loop = asyncio.get_running_loop()

@@ -75,7 +75,7 @@ class ConnectionPool:
             )
         try:
             # The timeout covers the TLS handshake too; ``within`` because requests run
-            # without a task (DownstreamConnection._serve_eagerly).
+            # without a task (DownstreamConnection._start_serving).
             _, conn = await within(opening, self.connect_timeout)
         except TimeoutError as error:
             raise caused_by(  # noqa: B904 (caused_by)

@@ -105,10 +105,11 @@ class Pipeline:
         self.cache = cache
         # Called with every finished request's record (metrics, stats), after the access log.
         self.record_observers: list[Callable[[AccessRecord], None]] = []
-        # Whether a request may start outside a task, up to its first wait (see
-        # DownstreamConnection._serve_eagerly): everything before that wait must work without a
-        # current task. Route, balancer, pool and a storage that answers at once (memory) do;
-        # the Redis client does not (it times its commands with asyncio.timeout).
+        # Whether requests may run without an asyncio Task (see
+        # DownstreamConnection._start_serving): nothing on their way may need a current task.
+        # Route, balancer, pool and a storage that answers lookups at once (memory) qualify;
+        # the Redis client does not (it times its commands with asyncio.timeout), and other
+        # storages keep a Task per busy period as well.
         self.eager = cache is None or cache.answers_now
         self._background: set[asyncio.Task[None]] = set()
 
