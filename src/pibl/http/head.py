@@ -12,10 +12,12 @@ Headers = list[tuple[bytes, bytes]]
 
 # Field names lower-cased, each by the same object every time: a name is looked up several
 # times per message (validation, header rules, logging, the cache), and ``bytes.lower()``
-# allocated a new object, hashed anew by every set lookup, on each of those passes. Bounded:
-# names come from clients, and past the bound a new name costs a plain ``lower()``.
+# allocated a new object, hashed anew by every set lookup, on each of those passes. Bounded in
+# entries and in length (names come from clients: at most 2048 x 2 x 64 bytes are kept); past
+# the bounds a name costs a plain ``lower()``.
 _LOWER: Final[dict[bytes, bytes]] = {}
 _LOWER_MAX: Final = 2048
+_LOWER_MAX_LENGTH: Final = 64  # registered field names are under 40 bytes
 
 
 def lower_name(name: bytes) -> bytes:
@@ -23,7 +25,7 @@ def lower_name(name: bytes) -> bytes:
     lower = _LOWER.get(name)
     if lower is None:
         lower = name.lower()
-        if len(_LOWER) < _LOWER_MAX:
+        if len(_LOWER) < _LOWER_MAX and len(name) <= _LOWER_MAX_LENGTH:
             lower = _LOWER.setdefault(lower, lower)
             _LOWER[name] = lower
     return lower
