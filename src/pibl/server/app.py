@@ -378,8 +378,10 @@ class ProxyApp:
                 conn.stop_parsing = True  # finish what is queued, then close
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(c.task is not None for c in self.connections) and loop.time() < deadline:
-            serving = [c.served() for c in self.connections if c.task is not None]
+        while loop.time() < deadline:
+            serving = [f for c in self.connections if (f := c.served()) is not None]
+            if not serving:
+                break
             await asyncio.wait(serving, timeout=max(0.0, deadline - loop.time()))
         for conn in [*self.connections, *self.waiting]:
             conn.abort()

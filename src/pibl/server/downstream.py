@@ -368,14 +368,13 @@ class DownstreamConnection(asyncio.Protocol):
         log.exception("unexpected error while serving %s", self.client_addr)
         self.abort()
 
-    def served(self) -> asyncio.Future[None]:
-        """A future that completes when the requests being served now are answered."""
+    def served(self) -> asyncio.Future[None] | None:
+        """A future that completes when the requests being served now are answered; None when
+        nothing is being served."""
         task = self.task
-        if task is None:
-            done: asyncio.Future[None] = self.loop.create_future()
-            done.set_result(None)
-            return done
-        return task if isinstance(task, asyncio.Task) else task.idle()
+        if task is None or isinstance(task, asyncio.Task):
+            return task
+        return task.idle()
 
     async def _serve_forever(self) -> None:
         try:
