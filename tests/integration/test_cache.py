@@ -415,6 +415,10 @@ async def test_entry_failing_its_checks_at_serve_time_is_dropped_and_fetched_aga
             patch.setattr(MemoryEntry, "read_body", corrupt)
             response = await request(app.addresses[0], "GET", "/c")
         again = await request(app.addresses[0], "GET", "/c")
+        cache = app.pipeline.cache
+        assert cache is not None
+        # The damaged entry counts as the miss it became, not also as a hit.
+        assert (cache.hits, cache.misses) == (1, 2)
     # Nothing of the damaged entry went out: the request was fetched and stored anew.
     assert response.status == 200
     assert response.body == b"2 /c"

@@ -200,16 +200,19 @@ class Pipeline:
         head = tx.head
         entry, decision = lookup.entry, lookup.decision
         if entry is not None and decision is not None:
+            # Counted, and the revalidation started, only once the stored response was served:
+            # a corrupt one raises CorruptEntry instead and is counted as the miss it becomes.
             if decision.action is Action.FRESH:
+                status = cache_status(True, ttl=decision.ttl)
+                keep_open = self._serve(tx, cache, entry, entry.meta, status)
                 cache.hits += 1
-                return self._serve(
-                    tx, cache, entry, entry.meta, cache_status(True, ttl=decision.ttl)
-                )
+                return keep_open
             if decision.action is Action.STALE_WHILE_REVALIDATE:
+                status = cache_status(True, ttl=decision.ttl, detail="stale-while-revalidate")
+                keep_open = self._serve(tx, cache, entry, entry.meta, status)
                 cache.stale += 1
                 self._revalidate_in_background(tx, lookup)
-                status = cache_status(True, ttl=decision.ttl, detail="stale-while-revalidate")
-                return self._serve(tx, cache, entry, entry.meta, status)
+                return keep_open
             if decision.gateway_timeout:
                 raise GatewayTimeoutFromCache("only-if-cached and the stored response is stale")
         elif only_if_cached(head):
