@@ -153,6 +153,20 @@ def test_digest_is_injective(keys: list[CacheKey]) -> None:
     assert len({k.digest() for k in keys}) == len(keys)
 
 
+@given(_keys, _keys)
+def test_equality_and_hash_follow_the_three_fields(a: CacheKey, b: CacheKey) -> None:
+    fields = (a.scheme, a.host, a.path_and_query) == (b.scheme, b.host, b.path_and_query)
+    assert (a == b) is fields
+    assert (a != b) is not fields
+    if fields:
+        assert hash(a) == hash(b)
+    assert a != (a.scheme, a.host, a.path_and_query)  # only a key equals a key
+    copy = CacheKey(a.scheme, a.host, a.path_and_query)
+    assert copy == a
+    assert hash(copy) == hash(a)
+    assert {copy: 1}[a] == 1
+
+
 @given(_keys)
 def test_bytes_round_trip(key: CacheKey) -> None:
     assert CacheKey.from_bytes(key.to_bytes()) == key
