@@ -83,6 +83,19 @@ class Lookup:
         self.fwd = "uri-miss"
 
 
+def _decide(lookup: Lookup, entries: list[CacheEntry], request: RequestHead) -> Lookup:
+    """``lookup`` completed with the variant of ``entries`` for ``request`` and whether it may
+    answer it."""
+    if entries:
+        lookup.fwd = "vary-miss"
+        entry = select_variant(entries, request)
+        if entry is not None:
+            lookup.entry = entry
+            lookup.decision = decide(entry.meta, request, lookup.request_time)
+            lookup.fwd = lookup.decision.fwd or "stale"
+    return lookup
+
+
 class ResponseFilter:
     """The response-filter phase for a request that passed the cache: decides storability,
     opens the cache writer and adds ``Cache-Status`` (RFC 9211) before the head goes out."""
@@ -214,21 +227,19 @@ class HttpCache:
             key = self._keys[memo] = make_key(request)
         return key
 
-    async def lookup(self, request: RequestHead) -> Lookup:
-        lookup = Lookup(self.key_for(request), time.time())
+    def lookup_now(self, request: RequestHead) -> Lookup:
+        """``lookup`` for a storage that answers at once (``answers_now``), without a
+        coroutine."""
         lookup_now = self._lookup_now
-        if lookup_now is not None:
-            entries = lookup_now(lookup.key)
-        else:
-            entries = await self.storage.lookup(lookup.key)
-        if entries:
-            lookup.fwd = "vary-miss"
-            entry = select_variant(entries, request)
-            if entry is not None:
-                lookup.entry = entry
-                lookup.decision = decide(entry.meta, request, lookup.request_time)
-                lookup.fwd = lookup.decision.fwd or "stale"
-        return lookup
+        assert lookup_now is not None
+        lookup = Lookup(self.key_for(request), time.time())
+        return _decide(lookup, lookup_now(lookup.key), request)
+
+    async def lookup(self, request: RequestHead) -> Lookup:
+        if self._lookup_now is not None:
+            return self.lookup_now(request)
+        lookup = Lookup(self.key_for(request), time.time())
+        return _decide(lookup, await self.storage.lookup(lookup.key), request)
 
     # -- request coalescing (nginx proxy_cache_lock) -----------------------------------------
     def lead_fetch(self, key: CacheKey) -> asyncio.Future[None] | None:
@@ -283,7 +294,11 @@ class HttpCache:
             else:
                 body = entry.read_body()
                 length = len(body)
-            down.write(_whole_response(meta, now, length, own, body))
+            head = _whole_head(meta, now, length, own)
+            if body:
+                down.writelines([head, body])  # one writev, the body not copied
+            else:
+                down.write(head)
         cycle.response_started = True
         record.status = status
         record.bytes_sent = len(body)
@@ -342,17 +357,15 @@ def _asks_conditional_or_range(headers: Headers) -> bool:
     return any(lower_name(name) in _CONDITIONAL_OR_RANGE for name, _ in headers)
 
 
-def _whole_response(
-    meta: StoredResponse, now: float, length: int, own: Headers, body: bytes
-) -> bytes:
-    """The stored response re-framed with ``length``, then PIBL's ``own`` fields: the same
-    bytes as ``response_head_bytes`` over ``headers_for_serving`` without framing, + ``body``."""
+def _whole_head(meta: StoredResponse, now: float, length: int, own: Headers) -> bytes:
+    """The stored response's head re-framed with ``length``, then PIBL's ``own`` fields: the
+    same bytes as ``response_head_bytes`` over ``headers_for_serving`` without framing."""
     facts = meta.facts
     parts = [facts.serving_head, b"Age: %s\r\n" % age_header(meta.current_age(now))]
     serialize_headers(parts, facts.downstream_surrogate)
     parts.append(b"Content-Length: %d\r\n" % length)
     serialize_headers(parts, own)
-    parts += (CRLF, body)
+    parts.append(CRLF)
     return b"".join(parts)
 
 

@@ -133,8 +133,18 @@ class Pipeline:
             if route.max_body_size and (head.content_length or 0) > route.max_body_size:
                 raise ProtocolError("request body too large", 413)  # before forwarding
             tx = Transaction(down, cycle, head, route, record)
-            if self.cache is not None and route.cache:
-                keep_open = await self._through_cache(tx)
+            cache = self.cache
+            if cache is not None and route.cache:
+                answered: bool | None = None
+                lookup: Lookup | None = None
+                if cache.answers_now and head.method in CACHEABLE_METHODS:
+                    # A hit from a storage that answers at once is served here, with no
+                    # coroutine of the general path below: most cached requests end here.
+                    lookup = cache.lookup_now(head)
+                    answered = self._answer_stored(tx, cache, lookup, corrupt_ok=True)
+                if answered is None:
+                    answered = await self._through_cache(tx, cache, lookup)
+                keep_open = answered
             else:
                 keep_open = self._finished(await self._forward(tx), tx)
         except PiblError as error:
@@ -164,13 +174,17 @@ class Pipeline:
         return cache.serve(tx.down, tx.cycle, tx.head, entry, meta, tx.record, status)
 
     # -- phase 3: cache lookup, and what follows from it ---------------------------------------
-    async def _through_cache(self, tx: Transaction) -> bool:
-        cache = self.cache
-        assert cache is not None
+    async def _through_cache(
+        self, tx: Transaction, cache: HttpCache, lookup: Lookup | None
+    ) -> bool:
+        """The cache phase for what ``handle`` could not answer at once: unsafe methods,
+        misses, entries to revalidate, storages that are awaited. ``lookup`` is the one
+        ``handle`` made, if it made one."""
         head = tx.head
         if head.method not in CACHEABLE_METHODS:
             return await self._forward_unsafe(tx, cache)
-        lookup = await cache.lookup(head)
+        if lookup is None:
+            lookup = await cache.lookup(head)
         leader = False
         while lookup.entry is None and not only_if_cached(head):
             waiting = cache.lead_fetch(lookup.key)
@@ -185,23 +199,40 @@ class Pipeline:
                 break
         try:
             try:
-                return await self._after_lookup(tx, cache, lookup)
+                answered = self._answer_stored(tx, cache, lookup, corrupt_ok=False)
             except CorruptEntry as error:
                 # Raised before anything was written: drop the entry, fetch it like a miss.
                 log.warning("dropping corrupt cache entry: %s", error)
                 await cache.storage.delete(lookup.key)
                 cache.misses += 1
                 return await self._fetch(tx, cache, Lookup(lookup.key, time.time()))
+            if answered is not None:
+                return answered
+            cache.misses += 1
+            return await self._fetch(tx, cache, lookup)
         finally:
             if leader:
                 cache.end_fetch(lookup.key)
 
-    async def _after_lookup(self, tx: Transaction, cache: HttpCache, lookup: Lookup) -> bool:
-        head = tx.head
+    def _answer_stored(
+        self, tx: Transaction, cache: HttpCache, lookup: Lookup, *, corrupt_ok: bool
+    ) -> bool | None:
+        """Answer from the stored response if ``lookup`` allows it (fresh, or stale while
+        revalidating): returns whether to keep the connection, or None when the request goes
+        upstream.
+
+        A corrupt entry raises ``CorruptEntry`` before anything is written; with
+        ``corrupt_ok`` it returns None instead (``_through_cache`` then meets it again and
+        drops it).
+        """
         entry, decision = lookup.entry, lookup.decision
-        if entry is not None and decision is not None:
-            # Counted, and the revalidation started, only once the stored response was served:
-            # a corrupt one raises CorruptEntry instead and is counted as the miss it becomes.
+        if entry is None or decision is None:
+            if only_if_cached(tx.head):
+                raise GatewayTimeoutFromCache("only-if-cached and nothing is stored")
+            return None
+        try:
+            # Counted, and the revalidation started, only once the stored response was
+            # served: a corrupt one raises instead and is counted as the miss it becomes.
             if decision.action is Action.FRESH:
                 status = cache_status(True, ttl=decision.ttl)
                 keep_open = self._serve(tx, cache, entry, entry.meta, status)
@@ -213,12 +244,13 @@ class Pipeline:
                 cache.stale += 1
                 self._revalidate_in_background(tx, lookup)
                 return keep_open
-            if decision.gateway_timeout:
-                raise GatewayTimeoutFromCache("only-if-cached and the stored response is stale")
-        elif only_if_cached(head):
-            raise GatewayTimeoutFromCache("only-if-cached and nothing is stored")
-        cache.misses += 1
-        return await self._fetch(tx, cache, lookup)
+        except CorruptEntry:
+            if corrupt_ok:
+                return None
+            raise
+        if decision.gateway_timeout:
+            raise GatewayTimeoutFromCache("only-if-cached and the stored response is stale")
+        return None
 
     async def _fetch(self, tx: Transaction, cache: HttpCache, lookup: Lookup) -> bool:
         """Forward a GET/HEAD that the cache could not answer; store or refresh on the way."""
