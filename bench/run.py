@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import http.client
 import json
 import os
 import platform
@@ -40,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -352,7 +352,7 @@ def pibl_keepalive_default() -> int:
 
 @dataclass
 class Target:
-    label: str  # "direct", "nginx", "haproxy", "pibl-1w", "pibl-2w"
+    label: str  # "direct", "nginx", "haproxy", "bare" (bench/bare.py), "pibl-1w", "pibl-2w"
     scenario: str
     port: int
     server: Server | None  # None: the backend itself (no proxy process measured)
@@ -424,17 +424,32 @@ def start_everything(servers: Servers, work: Path, only: set[str] | None) -> lis
 
         return make
 
+    def bare(cache: bool) -> Callable[[Path, int], tuple[list[str], str | None, bool]]:
+        def make(d: Path, port: int) -> tuple[list[str], str | None, bool]:
+            argv = [
+                sys.executable,
+                str(ROOT / "bench" / "bare.py"),
+                "--listen",
+                f"127.0.0.1:{port}",
+            ]
+            argv += [arg for p in ports for arg in ("--backend", f"127.0.0.1:{p}")]
+            return [*argv, "--cache"] if cache else argv, "listening on", False
+
+        return make
+
     plan: list[tuple[str, str, str, Callable[[Path, int], Any] | None]] = []
     for scenario in ("1k", "1m"):
         plan += [
             (scenario, "direct", "", None),
             (scenario, "nginx", "nginx", nginx(cache=False)),
             (scenario, "haproxy", "haproxy", haproxy),
+            (scenario, "bare", "bare", bare(cache=False)),
             (scenario, "pibl-1w", "pibl-1w", pibl(1, cache=False)),
             (scenario, "pibl-2w", "pibl-2w", pibl(2, cache=False)),
         ]
     plan += [
         ("cache", "nginx", "nginx-cache", nginx(cache=True)),
+        ("cache", "bare", "bare-cache", bare(cache=True)),
         ("cache", "pibl-1w", "pibl-1w-cache", pibl(1, cache=True)),
         ("cache", "pibl-2w", "pibl-2w-cache", pibl(2, cache=True)),
     ]
@@ -530,10 +545,16 @@ def check_cache_hits(targets: Sequence[Target]) -> None:
         if target.scenario != "cache":
             continue
         for _ in range(20):
-            with urllib.request.urlopen(target.url, timeout=10) as response:
+            # A keep-alive request as wrk sends it (urllib would ask for Connection: close).
+            client = http.client.HTTPConnection("127.0.0.1", target.port, timeout=10)
+            try:
+                client.request("GET", SCENARIOS[target.scenario][0])
+                response = client.getresponse()
                 response.read()
                 headers = response.headers
                 status = f"{headers.get('Cache-Status')} {headers.get('X-Cache-Status')}"
+            finally:
+                client.close()
             if "hit" in status.lower():
                 break
         else:
