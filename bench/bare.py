@@ -1,9 +1,10 @@
 """A bare uvloop + httptools proxy: the floor a Python proxy starts from, as a yardstick.
 
 It does only what a request needs to be answered: parse the request with httptools, pick a
-backend round-robin, send the request over a kept-alive connection, parse the response and
+backend round-robin, send the request over a kept-alive connection to it, parse the response and
 pass its bytes back unchanged. With ``--cache`` it keeps each complete response to a GET in a
-dict by target and answers repeats from it. There is no access log, no header rules, no
+dict by target (marked ``X-Cache-Status: HIT``, as nginx marks its hits) and answers repeats
+from it, whatever the response's caching fields say. There is no access log, no header rules, no
 validation beyond the parser's, no timeouts, no limits, and no error handling beyond closing
 the connection: it is not a proxy to run, only the cost of the event loop, the parser and the
 socket calls that any proxy built on them pays. ``bench/run.py`` measures it beside PIBL.
@@ -140,7 +141,7 @@ class Client(asyncio.Protocol):
                 line_end = response.index(b"\r\n") + 2
                 marked = response[:line_end] + b"X-Cache-Status: HIT\r\n" + response[line_end:]
                 self.proxy.cache[self.pending_url] = marked
-            self.proxy.idle.append(upstream)
+            upstream.pool.append(upstream)
         if not reusable or not self.pending_keep_alive:
             self.close()
             return
@@ -153,22 +154,35 @@ class Client(asyncio.Protocol):
 
 class BareProxy:
     def __init__(self, backends: list[tuple[str, int]], cache: bool) -> None:
-        self.backends: Iterator[tuple[str, int]] = itertools.cycle(backends)
-        self.idle: deque[Upstream] = deque()
+        # Round-robin per request, each backend with its own idle connections (LIFO).
+        self.backends: Iterator[tuple[tuple[str, int], deque[Upstream]]] = itertools.cycle(
+            [(backend, deque()) for backend in backends]
+        )
         self.cache: dict[bytes, bytes] | None = {} if cache else None
+        self.connecting: set[asyncio.Task[None]] = set()
 
     def forward(self, client: Client, method: bytes, url: bytes, request: bytes) -> None:
         client.pending_url = url
-        if self.idle:
-            self._send(self.idle.pop(), client, method, request)
+        backend, idle = next(self.backends)
+        if idle:
+            self._send(idle.pop(), client, method, request)
         else:
-            asyncio.get_running_loop().create_task(self._connect(client, method, request))
+            connect = self._connect(backend, idle, client, method, request)
+            task = asyncio.get_running_loop().create_task(connect)
+            self.connecting.add(task)
+            task.add_done_callback(self.connecting.discard)
 
-    async def _connect(self, client: Client, method: bytes, request: bytes) -> None:
-        host, port = next(self.backends)
+    async def _connect(
+        self,
+        backend: tuple[str, int],
+        idle: deque[Upstream],
+        client: Client,
+        method: bytes,
+        request: bytes,
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, upstream = await loop.create_connection(lambda: Upstream(self.idle), host, port)
+            _, upstream = await loop.create_connection(lambda: Upstream(idle), *backend)
         except OSError:
             client.transport.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             client.transport.close()
@@ -195,7 +209,8 @@ async def serve(listen: tuple[str, int], backends: list[tuple[str, int]], cache:
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set_result, None)
-    print(f"bare proxy listening on {listen[0]}:{listen[1]}", file=sys.stderr, flush=True)
+    host, port = server.sockets[0].getsockname()[:2]  # port 0: the one the system chose
+    print(f"bare proxy listening on {host}:{port}", file=sys.stderr, flush=True)
     async with server:
         await stop
 

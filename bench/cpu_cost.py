@@ -1,0 +1,211 @@
+"""PIBL's own CPU time per request, without the network: a steadier figure than requests/s.
+
+Wall-clock rates on a shared machine move by ±10 % from one run to the next; this moves by
+about ±1.5 %, so a change to the request path can be measured by alternating two builds. It
+runs a PIBL app in this process (combined access log to a temporary file, as ``bench/run.py``
+configures it), feeds one client connection the same request N times through transports that
+only count what they are given, and prints the process CPU time per request (the minimum over
+the repetitions). Socket calls and the loop's polling are not in it; what is left is PIBL's part
+of a request plus uvloop's dispatch.
+
+``hit``: a memory-cache hit of a 1 KiB response, stored first by a real request to a one-response
+backend started here. A hit is answered inside ``data_received``, with nothing awaited.
+
+``proxied``: a 1 KiB response (nginx's fields) proxied over pooled upstream connections whose
+transport answers every request on the next loop turn. Each request then takes three loop
+turns, driven by ``asyncio.sleep(0)``; the driver's own cost (about 2.6 µs here) is included.
+
+    .venv/bin/python bench/cpu_cost.py hit|proxied [--requests N] [--repeat R]
+
+To compare with another build: ``PYTHONPATH=<its src> .venv/bin/python bench/cpu_cost.py ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+import uvloop
+
+from pibl.cli import _tune_gc
+from pibl.config import parse_config
+from pibl.pool.connection import UpstreamConnection
+from pibl.server.app import ProxyApp
+
+BODY = os.urandom(1024)
+# What the benchmark's nginx backends send for /cached/1k.bin and /1k.bin.
+CACHEABLE = (
+    b"HTTP/1.1 200 OK\r\nServer: bench\r\nContent-Type: application/octet-stream\r\n"
+    b'Content-Length: 1024\r\nETag: "bench"\r\nCache-Control: max-age=3600\r\n\r\n' + BODY
+)
+PROXIED = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 21:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+    b"Last-Modified: Sat, 28 Nov 2026 15:32:10 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "6b0af3fa-400"\r\nAccept-Ranges: bytes\r\n\r\n' + BODY
+)
+UPSTREAM_CONNECTIONS = 4  # per server, placed in each pool
+
+
+class Backend(asyncio.Protocol):
+    """Answers every request on a connection with CACHEABLE (requests end with a blank line)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.pending = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        while b"\r\n\r\n" in self.pending:
+            _, _, self.pending = self.pending.partition(b"\r\n\r\n")
+            self.transport.write(CACHEABLE)
+
+
+class CountingTransport:
+    """What a connection needs from its transport; writes are counted, not sent."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.writes += 1
+        self.bytes += sum(len(part) for part in parts)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+
+class AnsweringTransport(CountingTransport):
+    """An upstream connection's transport: each request is answered on the next loop turn."""
+
+    def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.conn = conn
+        self.loop = loop
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self.conn.data_received, PROXIED)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.loop.call_soon(self.conn.data_received, PROXIED)
+
+
+async def fetch(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(len(BODY))
+    writer.close()
+    return head
+
+
+async def start_app(config: dict[str, Any]) -> tuple[ProxyApp, int]:
+    app = ProxyApp(parse_config(config))
+    port = (await app.start(log_listening=False))[0].port
+    return app, port
+
+
+async def measure(scenario: str, requests: int, repeat: int, log_dir: str) -> None:
+    loop = asyncio.get_running_loop()
+    access_log = {"path": f"{log_dir}/access.log", "format": "combined"}
+    backend: asyncio.Server | None = None
+    if scenario == "hit":
+        backend = await loop.create_server(Backend, "127.0.0.1", 0)
+        backend_port = backend.sockets[0].getsockname()[1]
+        app, port = await start_app(
+            {
+                "server": {"listen": "127.0.0.1:0"},
+                "upstreams": {"app": {"servers": [f"127.0.0.1:{backend_port}"]}},
+                "access_log": access_log,
+                "cache": {"enabled": True, "storage": "memory"},
+            }
+        )
+        request = f"GET /cached/1k.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        await fetch(port, request)  # stores the response
+        head = await fetch(port, request)
+        if b"pibl; hit" not in head:
+            raise SystemExit(f"the second request was not a hit:\n{head.decode()}")
+        turns = 0  # answered inside data_received
+    else:
+        # Three servers nobody connects to: the pools are filled with answering connections.
+        servers = [f"127.0.0.1:{port}" for port in (9, 10, 11)]
+        app, port = await start_app(
+            {
+                "server": {"listen": "127.0.0.1:0"},
+                "upstreams": {"app": {"servers": servers}},
+                "access_log": access_log,
+            }
+        )
+        for group in app.groups.values():
+            for pool in group.pools.values():
+                for _ in range(UPSTREAM_CONNECTIONS):
+                    conn = UpstreamConnection()
+                    conn.connection_made(AnsweringTransport(conn, loop))  # type: ignore[arg-type]
+                    pool._idle.append(conn)  # as if released after an earlier request
+        request = f"GET /1k.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        turns = 3  # the upstream answers; the response is written; the request finishes
+    _tune_gc()  # as `pibl run` does
+    client = app._plain_connection()
+    transport = CountingTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        for _ in range(requests):
+            client.data_received(request)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+        best = min(best, (time.process_time() - start) / requests)
+        await asyncio.sleep(0)  # let the access log's flush timer run
+    if transport.writes != requests * repeat:
+        raise SystemExit(f"{transport.writes} responses for {requests * repeat} requests")
+    print(
+        f"{scenario}: {best * 1e6:.2f} us of CPU per request "
+        f"(minimum of {repeat} x {requests}; {transport.bytes // transport.writes} bytes each)"
+    )
+    client.connection_lost(None)
+    await app.aclose()
+    if backend is not None:
+        backend.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=["hit", "proxied"])
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pibl-cpu-cost-") as log_dir:
+        uvloop.run(measure(args.scenario, args.requests, args.repeat, log_dir))
+
+
+if __name__ == "__main__":
+    main()
