@@ -425,3 +425,36 @@ async def test_entry_failing_its_checks_at_serve_time_is_dropped_and_fetched_aga
     assert response.header("Cache-Status") == "pibl; fwd=uri-miss; stored"
     assert again.body == b"2 /c"
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+async def test_only_if_cached_is_answered_from_the_store_or_with_504(
+    storage: str, tmp_path: Any
+) -> None:
+    # RFC 9111 §5.2.1.7. Memory hits are answered before the cache phase's coroutines, disk
+    # ones inside them: both must give the same answers.
+    def handle(req: Received) -> Reply:
+        fresh = req.target.startswith(b"/fresh")
+        cache_control = b"max-age=600" if fresh else b"max-age=0"  # stored, stale at once
+        return Reply(headers=[(b"Cache-Control", cache_control), (b"ETag", b'"v1"')])
+
+    only = [("Host", "test.local"), ("Cache-Control", "only-if-cached")]
+    options: dict[str, Any] = {"storage": storage}
+    if storage == "disk":
+        options["path"] = str(tmp_path / "cache")
+    async with (
+        running_backends(handle) as backends,
+        running_proxy(cached(backends, **options)) as app,
+    ):
+        nothing = await request(app.addresses[0], "GET", "/fresh", headers=only)
+        await request(app.addresses[0], "GET", "/fresh")
+        await request(app.addresses[0], "GET", "/stale")
+        stored = await request(app.addresses[0], "GET", "/fresh", headers=only)
+        stale = await request(app.addresses[0], "GET", "/stale", headers=only)
+        revalidated = await request(app.addresses[0], "GET", "/stale")
+    assert nothing.status == 504
+    assert stored.status == 200
+    assert (stored.header("Cache-Status") or "").startswith("pibl; hit")
+    assert stale.status == 504  # stored, but stale
+    assert "fwd=stale" in (revalidated.header("Cache-Status") or "")
+    assert len(backends[0].requests) == 3
