@@ -13,11 +13,13 @@ from typing import Final
 from pibl.errors import ProtocolError
 from pibl.http.head import Headers, RequestHead, lower_name
 
-_DIGITS: Final = frozenset(b"0123456789")
+# Allowed bytes, checked as ``value.translate(None, ALLOWED)`` (empty when nothing else is in
+# ``value``): one C pass, where a frozenset.issuperset makes an int per byte.
+_DIGITS: Final = b"0123456789"
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] -- unreserved, pct-encoded,
 # sub-delims, ":" and the brackets of an IP literal. Anything else (spaces, "/", "@", obs-text)
 # is "a Host header field with an invalid field value" that RFC 9112 §3.2 answers with 400.
-_HOST_CHARS: Final = frozenset(
+_HOST_CHARS: Final = (
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 )
 
@@ -48,7 +50,7 @@ def validate_request_head(
         elif lname == b"content-length":
             # RFC 9110 §8.6: 1*DIGIT; a list or repeated field is refused rather than merged
             # (smuggling precedent: CL.CL desync).
-            if content_length is not None or not value or not _DIGITS.issuperset(value):
+            if content_length is not None or not value or value.translate(None, _DIGITS):
                 raise ProtocolError("invalid Content-Length")
             content_length = int(value)
         elif lname == b"transfer-encoding":
@@ -87,7 +89,7 @@ def validate_request_head(
     if max_body_size and content_length is not None and content_length > max_body_size:
         raise ProtocolError("request body too large", 413)
     host = hosts[0] if hosts else b""
-    if not _HOST_CHARS.issuperset(host):
+    if host.translate(None, _HOST_CHARS):
         raise ProtocolError("invalid Host")
     if method == "CONNECT":
         # Checked before the target: a CONNECT carries an authority-form target (RFC 9110 §9.3.6).
@@ -99,7 +101,7 @@ def validate_request_head(
             # Absolute-form: its authority replaces Host (RFC 9112 §3.2.2).
             authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0]
             host = authority.rsplit(b"@", 1)[-1]
-            if not _HOST_CHARS.issuperset(host):
+            if host.translate(None, _HOST_CHARS):
                 raise ProtocolError("invalid request target")
         else:
             raise ProtocolError("invalid request target")
