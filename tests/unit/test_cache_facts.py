@@ -34,6 +34,8 @@ from pibl.proxy.caching import (
     KEY_MEMO_ENTRIES,
     HttpCache,
     _asks_conditional_or_range,
+    _own_fields,
+    _served_head,
     _whole_head,
 )
 
@@ -171,6 +173,39 @@ def test_whole_head_equals_the_general_serialisation(
         fields += [(b"Content-Length", b"%d" % length), *own]
         expected = response_head_bytes(status, fields, b"OK")
         assert _whole_head(entry, now, length, own) == expected
+
+
+@given(
+    _HEADERS,
+    st.lists(
+        st.tuples(
+            st.floats(0, 5),  # seconds after NOW
+            st.sampled_from([b"pibl; hit; ttl=5", b"pibl; hit; ttl=4", b"pibl; hit"]),
+            st.sampled_from([b"", b"close", b"keep-alive"]),
+            st.sampled_from([0, 1024]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_served_head_is_always_the_head_built_afresh(
+    headers: Headers, hits: list[tuple[float, bytes, bytes, int]]
+) -> None:
+    # The head kept on the entry is reused only while everything it was built from holds.
+    entry = stored(headers, 200)
+    for offset, status, connection, length in hits:
+        now = NOW + offset
+        expected = _whole_head(entry, now, length, _own_fields(status, connection))
+        assert _served_head(entry, now, length, status, connection) == expected
+
+
+def test_served_head_is_kept_on_the_entry_until_the_age_changes() -> None:
+    entry = stored([(b"Date", format_http_date(NOW)), (b"Cache-Control", b"max-age=60")])
+    first = _served_head(entry, NOW + 0.2, 4, b"pibl; hit; ttl=59", b"")
+    assert _served_head(entry, NOW + 0.7, 4, b"pibl; hit; ttl=59", b"") is first
+    later = _served_head(entry, NOW + 1.2, 4, b"pibl; hit; ttl=58", b"")
+    assert b"Age: 1\r\n" in later
+    assert b"Age: 0\r\n" in first
 
 
 @given(_HEADERS, _NOWS)

@@ -858,6 +858,12 @@ class StoredResponse:
     _facts: ResponseFacts | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
+    # The last whole head served from this entry and what it was built from: (Age value,
+    # Cache-Status value, Connection value, Content-Length, head). Hits within the same second
+    # share it (see ``proxy.caching``).
+    served_head: tuple[bytes, bytes, bytes, int, bytes] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_exchange(

@@ -279,13 +279,12 @@ class HttpCache:
         """
         now = time.time()
         keep_open = request.keep_alive and cycle.body_done and down.app.keepalive_enabled
-        own: Headers = [(b"Via", VIA_VALUE), (b"Cache-Status", status_value)]
-        if not keep_open:
-            own.append((b"Connection", b"close"))
-        elif request.version == "1.0":
-            own.append((b"Connection", b"keep-alive"))
+        connection = b"" if keep_open else b"close"
+        if keep_open and request.version == "1.0":
+            connection = b"keep-alive"
         if _asks_conditional_or_range(request.headers):
             status, reason, headers, body = _conditional_or_range(request, entry, meta, now)
+            own = _own_fields(status_value, connection)
             down.write(response_head_bytes(status, headers + own, reason) + body)
         else:  # the whole stored response, the common case: its head is mostly serialised
             status = meta.status
@@ -294,7 +293,7 @@ class HttpCache:
             else:
                 body = entry.read_body()
                 length = len(body)
-            head = _whole_head(meta, now, length, own)
+            head = _served_head(meta, now, length, status_value, connection)
             if body:
                 down.writelines([head, body])  # one writev, the body not copied
             else:
@@ -355,6 +354,35 @@ _CONDITIONAL_OR_RANGE: Final = frozenset({b"if-none-match", b"if-modified-since"
 
 def _asks_conditional_or_range(headers: Headers) -> bool:
     return any(lower_name(name) in _CONDITIONAL_OR_RANGE for name, _ in headers)
+
+
+def _own_fields(status_value: bytes, connection: bytes) -> Headers:
+    """PIBL's fields on an answer from the cache: Via, Cache-Status, and Connection if any."""
+    own: Headers = [(b"Via", VIA_VALUE), (b"Cache-Status", status_value)]
+    if connection:
+        own.append((b"Connection", connection))
+    return own
+
+
+def _served_head(
+    meta: StoredResponse, now: float, length: int, status_value: bytes, connection: bytes
+) -> bytes:
+    """``_whole_head`` with PIBL's fields, reused while the values it was built from hold:
+    Age and the ttl in Cache-Status change once a second, so the hits in between send the
+    same bytes."""
+    age = age_header(meta.current_age(now))
+    last = meta.served_head
+    if (
+        last is not None
+        and last[0] == age
+        and last[1] == status_value
+        and last[2] == connection
+        and last[3] == length
+    ):
+        return last[4]
+    head = _whole_head(meta, now, length, _own_fields(status_value, connection))
+    object.__setattr__(meta, "served_head", (age, status_value, connection, length, head))
+    return head
 
 
 def _whole_head(meta: StoredResponse, now: float, length: int, own: Headers) -> bytes:
