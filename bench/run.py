@@ -198,11 +198,18 @@ class Servers:
         return server
 
     def stop_all(self) -> None:
+        interrupted: BaseException | None = None
         for server in reversed(self.servers):
             try:
                 server.stop()
             except Exception as error:  # keep stopping the others
                 print(f"warning: stopping {server.name}: {error}", file=sys.stderr)
+            except BaseException as error:  # a second Ctrl-C: stop the others first
+                interrupted = error
+                if server.proc is not None:
+                    server.proc.kill()
+        if interrupted is not None:
+            raise interrupted
 
 
 # --------------------------------------------------------------------------- configurations
@@ -752,6 +759,9 @@ def sigterm_as_exit() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so that every server is stopped."""
 
     def handler(signum: int, frame: object) -> None:
+        # A second SIGTERM (make and its child both signalled, a repeated kill) must not cut
+        # the clean-up short: servers left running would skew every later run.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
