@@ -380,16 +380,17 @@ def _served_head(
         and last[3] == length
     ):
         return last[4]
-    head = _whole_head(meta, now, length, _own_fields(status_value, connection))
+    head = _whole_head(meta, age, length, _own_fields(status_value, connection))
     object.__setattr__(meta, "served_head", (age, status_value, connection, length, head))
     return head
 
 
-def _whole_head(meta: StoredResponse, now: float, length: int, own: Headers) -> bytes:
-    """The stored response's head re-framed with ``length``, then PIBL's ``own`` fields: the
-    same bytes as ``response_head_bytes`` over ``headers_for_serving`` without framing."""
+def _whole_head(meta: StoredResponse, age: bytes, length: int, own: Headers) -> bytes:
+    """The stored response's head with ``age`` (an ``age_header`` value), re-framed with
+    ``length``, then PIBL's ``own`` fields: the same bytes as ``response_head_bytes`` over
+    ``headers_for_serving`` without framing."""
     facts = meta.facts
-    parts = [facts.serving_head, b"Age: %s\r\n" % age_header(meta.current_age(now))]
+    parts = [facts.serving_head, b"Age: %s\r\n" % age]
     serialize_headers(parts, facts.downstream_surrogate)
     parts.append(b"Content-Length: %d\r\n" % length)
     serialize_headers(parts, own)
