@@ -213,6 +213,41 @@ async def test_slow_request_head_gets_408() -> None:
             await client.aclose()
 
 
+async def test_slow_head_of_a_second_request_on_a_kept_alive_connection_gets_408() -> None:
+    async with running_backends(count=1) as backends:
+        settings = make_settings(
+            backends, server={"client_header_timeout": "0.2s", "keepalive_timeout": "60s"}
+        )
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            assert (await client.request()).status == 200
+            await client.send(b"GET /second HTTP/1.1\r\nHost: a\r\n")
+            response = await client.read_response()
+            assert response.status == 408
+            assert await client.is_closed()
+            await client.aclose()
+
+
+async def test_pipelined_head_left_incomplete_after_the_first_answer_gets_408() -> None:
+    # The second head begins in the same read as the first request, while that one is queued;
+    # once the first is answered the connection is not idle (a head is under way) and the
+    # keep-alive timeout does not apply: the header timeout does.
+    async with running_backends(count=1) as backends:
+        settings = make_settings(
+            backends, server={"client_header_timeout": "0.2s", "keepalive_timeout": "60s"}
+        )
+        async with running_proxy(settings) as app:
+            client = await Client.connect(app.addresses[0])
+            await client.send(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHo")
+            first = await client.read_response()
+            assert first.status == 200
+            second = await client.read_response()
+            assert second.status == 408
+            assert await client.is_closed()
+            await client.aclose()
+        assert [r.target for r in backends[0].requests] == [b"/first"]
+
+
 async def test_listener_max_connections_makes_extra_connections_wait() -> None:
     async with running_backends(count=1) as backends:
         settings = make_settings(backends, server={"max_connections": 2})

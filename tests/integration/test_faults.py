@@ -537,6 +537,25 @@ async def test_garbage_response_is_502_and_the_connection_is_dropped(raw: bytes)
 
 
 @bounded
+async def test_a_response_followed_by_unsolicited_bytes_in_one_read_is_served_whole() -> None:
+    # Response desync: the answer is complete when the stray bytes are parsed in the same
+    # read. The client gets the answer and keeps its connection; the upstream connection is
+    # dropped, and the stray "response" never reaches anyone.
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+    async with proxy_in_front_of(sends_then_waits(OK + stray)) as (app, [origin]):
+        client = await Client.connect(app.addresses[0])
+        try:
+            first = await client.request()
+            assert (first.status, first.body) == (200, b"ok")
+            await eventually(lambda: origin.closed_by_peer == 1, "the connection dropped")
+            second = await client.request()  # on the same client connection
+            assert (second.status, second.body) == (200, b"ok")
+            assert origin.connections == 2  # a fresh upstream connection for the second
+        finally:
+            await client.aclose()
+
+
+@bounded
 async def test_endless_response_head_is_502_at_once() -> None:
     # Regression: llhttp buffers header lines without bound; PIBL kept them all (hundreds of
     # MB) until its read timeout. The head is now capped (MAX_RESPONSE_HEAD_BYTES).

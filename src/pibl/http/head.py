@@ -165,7 +165,11 @@ class RequestHead:
 
 
 class ResponseHead:
-    """A response head as received from an upstream server (or built by PIBL)."""
+    """A response head as received from an upstream server (or built by PIBL).
+
+    It has no protocol version: PIBL answers in HTTP/1.1 whatever the upstream spoke, and the
+    upstream's framing is read from ``keep_alive``, ``content_length`` and ``is_chunked``.
+    """
 
     __slots__ = (
         "content_length",
@@ -174,7 +178,6 @@ class ResponseHead:
         "keep_alive",
         "reason",
         "status",
-        "version",
     )
 
     def __init__(
@@ -183,7 +186,6 @@ class ResponseHead:
         headers: Headers,
         *,
         reason: bytes = b"",
-        version: str = "1.1",
         keep_alive: bool = True,
         content_length: int | None = None,
         is_chunked: bool = False,
@@ -191,7 +193,6 @@ class ResponseHead:
         self.status = status
         self.headers = headers
         self.reason = reason
-        self.version = version
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.is_chunked = is_chunked

@@ -41,7 +41,8 @@ class ResponseSink(Protocol):
     def on_tunnel_data(self, data: bytes) -> None: ...
     def on_upstream_writable(self, writable: bool) -> None: ...
     def flush_pending(self) -> None:
-        """Write out what was held back while this read was parsed."""
+        """The read has been parsed: write out what was held back and settle a response
+        that completed in it."""
         ...
 
 
@@ -58,6 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "is_reusable",
         "last_activity",
+        "reading",
         "requests_served",
         "sink",
         "timer",
@@ -81,6 +83,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.requests_served = 0
+        # True while llhttp parses a read: a sink told of a complete response then settles it
+        # in ``flush_pending``, once every byte of the read has been looked at.
+        self.reading = False
         # The owning exchange's read (or tunnel idle) timeout, kept across exchanges so that
         # each request moves a deadline instead of creating a loop timer.
         self.timer: Deadline | None = None
@@ -166,7 +171,9 @@ class UpstreamConnection(asyncio.Protocol):
         if state == "head":
             self._head_bytes += len(data)
         try:
+            self.reading = True
             self._parser.feed_data(data)
+            self.reading = False
             if self._state == "head" and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
                 # Still no complete final head (a read may also carry body bytes after it).
                 self._fail(
@@ -176,10 +183,12 @@ class UpstreamConnection(asyncio.Protocol):
             if self.sink is not None:
                 self.sink.flush_pending()
         except httptools.HttpParserUpgrade as upgrade:
+            self.reading = False
             offset = upgrade.args[0] if upgrade.args else len(data)
             if self._state == "tunnel" and self.sink is not None and offset < len(data):
                 self.sink.on_tunnel_data(data[offset:])
         except httptools.HttpParserError as error:
+            self.reading = False
             self._fail(error)
 
     def eof_received(self) -> bool | None:
@@ -248,7 +257,6 @@ class UpstreamConnection(asyncio.Protocol):
             status,
             headers,
             reason=self._reason,
-            version=parser.get_http_version(),
             keep_alive=keep_alive,
             content_length=content_length,
             is_chunked=is_chunked,

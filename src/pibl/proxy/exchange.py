@@ -75,6 +75,7 @@ class ResponsePlan:
 class Exchange:
     __slots__ = (
         "_chunked_out",
+        "_complete_pending",
         "_expect_timer",
         "_forwarding",
         "_has_body_out",
@@ -138,6 +139,7 @@ class Exchange:
         self._timer = timer  # the read timeout, then the tunnel's idle timeout
         self._upgrading = False
         self._forwarding = True
+        self._complete_pending = False
         self._head_out: bytes | None = None
         self._expect_timer: asyncio.TimerHandle | None = None
         self.response_filter: Callable[[ResponseHead], ResponsePlan] | None = None
@@ -287,6 +289,12 @@ class Exchange:
         if head is not None:
             self._head_out = None
             self.down.write(head)
+        if self._complete_pending:
+            # The response ended in the read just parsed. The request is resumed here, not on
+            # the loop's next turn, and only now: a byte after the response in the same read
+            # (a desynchronised upstream) has been seen and has condemned the connection.
+            self._complete_pending = False
+            self._finish(None, resume_now=True)
 
     def on_response_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -316,7 +324,10 @@ class Exchange:
             # The upstream answered before reading the whole request: it will not read the
             # rest either, so its connection cannot carry another request.
             self.conn.is_reusable = False
-        self._finish(None)
+        if self.conn.reading:
+            self._complete_pending = True  # settled by flush_pending at the end of the read
+        else:
+            self._finish(None)
 
     def on_upstream_error(self, error: Exception, got_bytes: bool) -> None:
         if self._upgrading:
@@ -460,6 +471,13 @@ class Exchange:
     def _fail(self, error: Exception) -> None:
         if self.done.done():
             return
+        if self._complete_pending:
+            # The response was complete before this error (bytes after it in the same read):
+            # the client has it all; only the upstream connection is lost.
+            self._complete_pending = False
+            self.conn.is_reusable = False
+            self._finish(None)
+            return
         if self._head_out is not None:
             # The head never left: the client can still get a clean error response.
             self._head_out = None
@@ -470,7 +488,7 @@ class Exchange:
             self.writer = None
         self._finish(error)
 
-    def _finish(self, error: Exception | None) -> None:
+    def _finish(self, error: Exception | None, *, resume_now: bool = False) -> None:
         if self.done.done():
             return
         self._cancel_timer()
@@ -483,10 +501,12 @@ class Exchange:
         down.on_lost = None
         if self._upgrading:
             down.app.tunnels_open -= 1
-        if error is None:
-            self.done.set_result(None)
-        else:
+        if error is not None:
             self.done.set_exception(error)
+        elif resume_now:
+            down.resume_with(self.done)
+        else:
+            self.done.set_result(None)
 
 
 # Methods whose requests carry Content-Length: 0 meaningfully (RFC 9110 §8.6: a user agent

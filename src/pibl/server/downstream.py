@@ -130,6 +130,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._held: bytes | None = None  # bytes of a connection waiting for admission
         self._head_bytes = 0
         self._in_head = False
+        self._head_timed = False  # the head being read runs under client_header_timeout
         self._url = b""
         self._headers: Headers = []
         self._header_bytes = 0
@@ -210,6 +211,11 @@ class DownstreamConnection(asyncio.Protocol):
                 # Bytes that are neither head nor body: endless chunk extensions or trailers,
                 # which llhttp would otherwise buffer without bound.
                 self._reject(ProtocolError("request trailer section too large", 431))
+        if self._in_head and not self._head_timed and self.task is None and not self.queue:
+            # A head begun in this read and not complete at its end: from now on it has
+            # client_header_timeout to arrive. (A head read whole, nearly every one, never
+            # needs the timer.) Set once per head, so trickling bytes never extend it.
+            self._time_head()
         if self._serve_pending:
             self._serve_pending = False
             if self.task is None and self.queue:
@@ -265,12 +271,11 @@ class DownstreamConnection(asyncio.Protocol):
     # -- llhttp callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_timed = False  # armed after this read if the head is still incomplete
         self._url = b""
         self._headers = []
         self._header_bytes = 0
         self._header_count = 0
-        if self.task is None and not self.queue:
-            self._arm(self.limits.client_header_timeout, self._on_head_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -406,8 +411,23 @@ class DownstreamConnection(asyncio.Protocol):
                 self.resume_reading()
         if self.stop_parsing and self.tunnel_sink is None:
             self.close()  # the client half-closed and everything was answered
-        elif not self.is_closed:
+        elif self.is_closed:
+            pass
+        elif self._in_head:
+            self._time_head()  # the next request's head began arriving meanwhile
+        else:
             self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
+
+    def resume_with(self, future: asyncio.Future[None]) -> None:
+        """Complete ``future`` and, if this connection's serving coroutine waits on it, run the
+        coroutine on at once instead of on the loop's next turn (the future's callbacks are
+        scheduled, not called): a proxied request ends in the callback that read its
+        response's end. The caller must be in a state where that is safe."""
+        serving = self.task
+        if isinstance(serving, Serving):
+            serving.resume_with(future)
+        else:
+            future.set_result(None)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.is_closed:
@@ -468,6 +488,10 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _cancel_timer(self) -> None:
         self._deadline.clear()
+
+    def _time_head(self) -> None:
+        self._head_timed = True
+        self._arm(self.limits.client_header_timeout, self._on_head_timeout)
 
     def _on_head_timeout(self) -> None:
         if self.task is None and not self.queue:
@@ -569,6 +593,15 @@ class Serving:
     def _wakeup(self, future: asyncio.Future[Any]) -> None:
         self._waiting = None
         self.step()
+
+    def resume_with(self, future: asyncio.Future[None]) -> None:
+        """Complete ``future`` and, if it is what the coroutine waits on, step it now."""
+        if self._waiting is future and future.remove_done_callback(self._wakeup) == 1:
+            future.set_result(None)
+            self._waiting = None
+            self.step()
+        else:
+            future.set_result(None)
 
     def _resume(self) -> None:
         self.step()
