@@ -6,6 +6,7 @@ Header names keep the case they arrived in (HTTP field names are case-insensitiv
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
@@ -31,24 +32,40 @@ def lower_name(name: bytes) -> bytes:
     return lower
 
 
+def length_mask(names: Iterable[bytes]) -> int:
+    """One bit per length among ``names``: a field whose name's length has no bit set
+    (``not (mask >> len(name)) & 1``) is none of them, and needs no lowering to know it.
+
+    Most fields of a message are not the few a loop looks for, and a length costs nothing
+    where ``lower_name`` costs a hash and a dict lookup per fresh name.
+    """
+    mask = 0
+    for name in names:
+        mask |= 1 << len(name)
+    return mask
+
+
 def get_header(headers: Headers, name: bytes) -> bytes | None:
     """The first value of the field ``name`` (given in lower case), or None."""
+    size = len(name)
     for key, value in headers:
-        if lower_name(key) == name:
+        if len(key) == size and lower_name(key) == name:
             return value
     return None
 
 
 def get_all(headers: Headers, name: bytes) -> list[bytes]:
     """Every value of the field ``name`` (given in lower case), in order."""
-    return [value for key, value in headers if lower_name(key) == name]
+    size = len(name)
+    return [value for key, value in headers if len(key) == size and lower_name(key) == name]
 
 
 def header_tokens(headers: Headers, name: bytes) -> set[bytes]:
     """The lower-cased comma-separated tokens of every ``name`` field (e.g. ``Connection``)."""
     tokens: set[bytes] = set()
+    size = len(name)
     for key, value in headers:
-        if lower_name(key) == name:
+        if len(key) == size and lower_name(key) == name:
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token:
@@ -59,7 +76,7 @@ def header_tokens(headers: Headers, name: bytes) -> set[bytes]:
 def get_cookie(headers: Headers, name: bytes) -> bytes | None:
     """The value of cookie ``name`` from the ``Cookie`` fields (RFC 6265 §5.4), or None."""
     for key, value in headers:
-        if lower_name(key) != b"cookie":
+        if len(key) != 6 or lower_name(key) != b"cookie":
             continue
         for pair in value.split(b";"):
             cookie_name, sep, cookie_value = pair.strip().partition(b"=")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from pibl.http.head import Headers, RequestHead, ResponseHead, lower_name
+from pibl.http.head import Headers, RequestHead, ResponseHead, length_mask, lower_name
 
 # RFC 9110 §7.6.1 plus the de-facto ones Go's ReverseProxy also removes (Proxy-Connection,
 # Keep-Alive, Proxy-Authenticate/-Authorization are single-hop by nature).
@@ -36,13 +36,16 @@ _NOT_FORWARDED: Final = HOP_BY_HOP | _FRAMING
 # Connection values that list no field beyond the hop-by-hop ones (nearly every response).
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# The lengths of every name the loops below act on (see ``length_mask``).
+_REQUEST_LENGTHS: Final = length_mask(_NOT_FORWARDED | _FORWARDED | {b"via", b"host"})
+_RESPONSE_LENGTHS: Final = length_mask(_NOT_FORWARDED | {b"via"})
 _SCHEMES: Final = {"http": b"http", "https": b"https"}
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     tokens: set[bytes] | None = None
     for name, value in headers:
-        if lower_name(name) == b"connection":
+        if len(name) == 10 and lower_name(name) == b"connection":
             if tokens is None:
                 tokens = set()
             tokens.update([t.strip().lower() for t in value.split(b",")])
@@ -65,6 +68,9 @@ def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Hea
     host_value: bytes | None = None
     for field in request.headers:
         name, value = field
+        if not listed and not (_REQUEST_LENGTHS >> len(name)) & 1:
+            out.append(field)  # none of the names acted on below
+            continue
         lname = lower_name(name)
         if lname in _NOT_FORWARDED or lname in listed:
             continue
@@ -112,7 +118,11 @@ def downstream_response_headers(response: ResponseHead) -> Headers:
     prior_via: list[bytes] = []
     has_connection = False
     for field in response.headers:
-        lname = lower_name(field[0])
+        name = field[0]
+        if not (_RESPONSE_LENGTHS >> len(name)) & 1:
+            out.append(field)  # none of the names acted on below
+            continue
+        lname = lower_name(name)
         if lname in _NOT_FORWARDED:
             if lname == b"connection" and field[1] not in _PLAIN_CONNECTION:
                 has_connection = True  # it may list other fields

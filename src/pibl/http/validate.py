@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Final
 
 from pibl.errors import ProtocolError
-from pibl.http.head import Headers, RequestHead, lower_name
+from pibl.http.head import Headers, RequestHead, length_mask, lower_name
 
 # Allowed bytes, checked as ``value.translate(None, ALLOWED)`` (empty when nothing else is in
 # ``value``): one C pass, where a frozenset.issuperset makes an int per byte.
@@ -21,6 +21,11 @@ _DIGITS: Final = b"0123456789"
 # is "a Host header field with an invalid field value" that RFC 9112 §3.2 answers with 400.
 _HOST_CHARS: Final = (
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+)
+
+# The lengths of the names the loop below acts on (see ``length_mask``).
+_CHECKED_LENGTHS: Final = length_mask(
+    (b"host", b"content-length", b"transfer-encoding", b"expect", b"connection", b"upgrade")
 )
 
 
@@ -44,6 +49,8 @@ def validate_request_head(
     connection_upgrade = False
     upgrade: bytes | None = None
     for name, value in headers:
+        if not (_CHECKED_LENGTHS >> len(name)) & 1:
+            continue
         lname = lower_name(name)
         if lname == b"host":
             hosts.append(value)

@@ -14,13 +14,14 @@ from typing import Final, Protocol, cast
 import httptools
 
 from pibl.deadline import Deadline
-from pibl.http.head import Headers, ResponseHead, lower_name
+from pibl.http.head import Headers, ResponseHead, length_mask, lower_name
 
 # Bytes of response head (interim 1xx heads included) an upstream may send before its final
 # head is complete; beyond it the response is refused (502). llhttp sets no bound of its own,
 # so without this a broken upstream grows PIBL's memory until the read timeout. nginx's
 # proxy_buffer_size is 4 or 8 KiB, HAProxy's tune.bufsize 16 KiB, Envoy's default 60 KiB.
 MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
+_FRAMING_LENGTHS: Final = length_mask((b"content-length", b"transfer-encoding"))
 
 
 class UnsolicitedResponse(Exception):
@@ -247,6 +248,8 @@ class UpstreamConnection(asyncio.Protocol):
         content_length: int | None = None
         is_chunked = False
         for name, value in headers:
+            if not (_FRAMING_LENGTHS >> len(name)) & 1:
+                continue
             lname = lower_name(name)
             if lname == b"content-length":
                 content_length = int(value)  # llhttp has validated it (digits, no duplicates)

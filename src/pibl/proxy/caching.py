@@ -37,7 +37,7 @@ from pibl.cache.ranges import select_range
 from pibl.cache.storage import CacheEntry, CacheStorage, CorruptEntry
 from pibl.deadline import within
 from pibl.http.framing import CRLF, response_head_bytes, serialize_headers
-from pibl.http.head import Headers, RequestHead, ResponseHead, lower_name
+from pibl.http.head import Headers, RequestHead, ResponseHead, length_mask, lower_name
 from pibl.http.rules import VIA_VALUE
 from pibl.proxy.exchange import ResponsePlan
 
@@ -352,8 +352,16 @@ class HttpCache:
 _CONDITIONAL_OR_RANGE: Final = frozenset({b"if-none-match", b"if-modified-since", b"range"})
 
 
+_CONDITIONAL_OR_RANGE_LENGTHS: Final = length_mask(_CONDITIONAL_OR_RANGE)
+
+
 def _asks_conditional_or_range(headers: Headers) -> bool:
-    return any(lower_name(name) in _CONDITIONAL_OR_RANGE for name, _ in headers)
+    for name, _ in headers:
+        if (_CONDITIONAL_OR_RANGE_LENGTHS >> len(name)) & 1 and (
+            lower_name(name) in _CONDITIONAL_OR_RANGE
+        ):
+            return True
+    return False
 
 
 def _own_fields(status_value: bytes, connection: bytes) -> Headers:

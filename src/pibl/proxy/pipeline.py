@@ -37,7 +37,7 @@ from pibl.errors import (
     status_for,
 )
 from pibl.http.framing import error_response
-from pibl.http.head import RequestHead, ResponseHead, lower_name
+from pibl.http.head import RequestHead, ResponseHead, length_mask, lower_name
 from pibl.http.rules import upstream_request_headers
 from pibl.proxy.caching import CACHEABLE_METHODS, HttpCache, Lookup, ResponseFilter
 from pibl.proxy.exchange import Exchange, ResponsePlan
@@ -583,12 +583,17 @@ def _public_message(error: PiblError) -> str:
     return ""
 
 
+_LOGGED_LENGTHS: Final = length_mask((b"user-agent", b"referer"))
+
+
 def _describe_request(record: AccessRecord, head: RequestHead) -> None:
     record.method = head.method
     record.target = head.target.decode("latin-1")
     record.version = head.version
     record.host = head.host.decode("latin-1")
     for name, value in head.headers:
+        if not (_LOGGED_LENGTHS >> len(name)) & 1:
+            continue
         lname = lower_name(name)
         if lname == b"user-agent":
             record.user_agent = value.decode("latin-1")
