@@ -222,6 +222,9 @@ def _second_strings(timestamp: float) -> tuple[int, str, str] | None:
 
 
 def _time_local(timestamp: float) -> str:
+    cache = _time_cache
+    if 0.0 <= timestamp < 1e12 and int(timestamp) == cache.second:
+        return cache.clf  # the same second as the line before: nearly every line
     strings = _second_strings(timestamp)
     return "-" if strings is None else strings[1]
 
@@ -237,6 +240,10 @@ def _time_iso(timestamp: float) -> str | None:
 
 # "000" to "999": the fraction of a duration in milliseconds, without formatting a float.
 _MILLIS: Final = tuple([format(i, "03d") for i in range(1000)])
+# "0.000" to "0.999": a duration under a second (nearly all) as a string already made.
+_UNDER_A_SECOND: Final = tuple(["0." + millis for millis in _MILLIS])
+# "100" to "599": a status code's text without formatting an int per line.
+_STATUS_TEXT: Final = tuple([str(status) for status in range(600)])
 
 
 def _seconds_text(value: float | None) -> str:
@@ -246,6 +253,8 @@ def _seconds_text(value: float | None) -> str:
     if 0.0 <= value < 1e9:
         # Rounded half up, in integers: a tenth of the cost of format(value, ".3f").
         millis = int(value * 1000.0 + 0.5)
+        if millis < 1000:
+            return _UNDER_A_SECOND[millis]
         return str(millis // 1000) + "." + _MILLIS[millis % 1000]
     if not math.isfinite(value):
         return "-"
@@ -294,17 +303,19 @@ def format_combined(rec: AccessRecord) -> str:
 
 
 def _combined(rec: AccessRecord, escape: bool) -> str:
-    if rec.method or rec.target:
+    if rec.method and rec.target and rec.version and not escape:
+        request = f"{rec.method} {rec.target} HTTP/{rec.version}"  # one build: nearly every line
+    elif rec.method or rec.target:
         # nginx logs the raw request line; we rebuild it from its (escaped) parts.
         request = _field(rec.method, escape, _QUOTED) + " " + _field(rec.target, escape, _QUOTED)
         if rec.version:
             request += " HTTP/" + _field(rec.version, escape, _QUOTED)
     else:
         request = "-"  # the request line was never read (timeout, garbage)
-    upstream_status = "-" if rec.upstream_status is None else str(rec.upstream_status)
+    upstream_status = "-" if rec.upstream_status is None else _status_text(rec.upstream_status)
     return (
         f"{_field(rec.client_addr, escape, _BARE)} - - [{_time_local(rec.start_time)}] "
-        f'"{request}" {rec.status} {rec.bytes_sent} '
+        f'"{request}" {_status_text(rec.status)} {rec.bytes_sent} '
         f'"{_field(rec.referer, escape, _QUOTED)}" "{_field(rec.user_agent, escape, _QUOTED)}" '
         f"upstream={_field(rec.upstream_addr, escape, _BARE)} upstream_status={upstream_status} "
         f"upstream_time={_seconds_text(rec.upstream_time)} "
@@ -312,6 +323,10 @@ def _combined(rec: AccessRecord, escape: bool) -> str:
         f'cache="{_field(rec.cache_status, escape, _QUOTED)}" '
         f'route="{_field(rec.route, escape, _QUOTED)}" error="{_field(rec.error, escape, _QUOTED)}"'
     )
+
+
+def _status_text(status: int) -> str:
+    return _STATUS_TEXT[status] if 0 <= status < 600 else str(status)
 
 
 def _field(value: str, escape: bool, table: _EscapeTable) -> str:
@@ -440,9 +455,11 @@ class AccessLog:
         if self._closed:
             self.dropped_lines += 1
             return
-        line = self._formatter(rec) + "\n"
-        self._buffer.append(line)
-        self._buffered += len(line)  # the formatters emit ASCII only: characters == bytes
+        line = self._formatter(rec)
+        buffer = self._buffer
+        buffer.append(line)
+        buffer.append("\n")  # joined at the flush: no copy of the line to end it
+        self._buffered += len(line) + 1  # the formatters emit ASCII only: characters == bytes
         if self._buffered > self.BUFFER_LIMIT:
             self.flush()
         elif self._timer is None or (self._timer_loop is not None and self._timer_loop.is_closed()):

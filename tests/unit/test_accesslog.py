@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,42 @@ def test_a_line_built_unescaped_is_used_only_when_escaping_changes_nothing(
 )
 def test_durations_are_printed_in_milliseconds(seconds: float | None, text: str) -> None:
     assert accesslog._seconds_text(seconds) == text
+
+
+@given(st.floats(min_value=0.0, max_value=5.0))
+def test_durations_under_and_over_a_second_round_half_up(seconds: float) -> None:
+    millis = int(seconds * 1000.0 + 0.5)
+    assert accesslog._seconds_text(seconds) == f"{millis // 1000}.{millis % 1000:03d}"
+
+
+@given(st.integers(min_value=-10, max_value=10_000))
+def test_status_text_is_the_number(status: int) -> None:
+    assert accesslog._status_text(status) == str(status)
+
+
+@given(st.lists(st.floats(min_value=-5.0, max_value=4e9) | st.sampled_from([NOON, NOON + 0.5])))
+def test_time_local_in_any_order_matches_gmtime(timestamps: list[float]) -> None:
+    # The last second's string is reused: whatever came before, each line gets its own second.
+    for timestamp in timestamps:
+        if timestamp < 0:
+            continue  # before 1970: whatever gmtime says, tested by test_unrepresentable_times
+        tm = time.gmtime(int(timestamp))
+        expected = time.strftime("%d/%b/%Y:%H:%M:%S +0000", tm)
+        assert accesslog._time_local(timestamp) == expected
+
+
+@given(
+    st.sampled_from(["GET", "HEAD", "POST", ""]),
+    st.sampled_from(["/a?b=c", "*", ""]),
+    st.sampled_from(["1.1", "1.0", ""]),
+)
+def test_the_one_build_request_line_is_the_escaped_one(
+    method: str, target: str, version: str
+) -> None:
+    # Nothing to escape: the line built without escaping equals the one built escaping.
+    rec = full_record()
+    rec.method, rec.target, rec.version = method, target, version
+    assert accesslog._combined(rec, False) == accesslog._combined(rec, True)
 
 
 @given(latin1, latin1)
