@@ -236,6 +236,13 @@ def test_http10_request_without_host_gets_one_from_absolute_target() -> None:
     assert out[0] == (b"Accept", b"*/*")
 
 
+def test_via_names_the_version_the_request_came_in() -> None:
+    # RFC 9110 §7.6.3: received-protocol is the version of the message as received.
+    out = upstream_request_headers(req([(b"Via", b"1.0 fred")], version="1.0"), trusted_peer=False)
+    assert one(out, b"via") == b"1.0 fred, 1.0 pibl"
+    assert one(upstream_request_headers(req([]), trusted_peer=False), b"via") == b"1.1 pibl"
+
+
 def test_http10_request_without_any_host_sends_none() -> None:
     out = upstream_request_headers(req([], version="1.0", host=b""), trusted_peer=False)
     assert values(out, b"host") == []

@@ -30,6 +30,8 @@ _FORWARDED: Final = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
 )
 VIA_VALUE: Final = b"1.1 pibl"
+# RFC 9110 §7.6.3: Via names the protocol version of the message as PIBL received it.
+_VIA_FOR_VERSION: Final = {"1.1": VIA_VALUE, "1.0": b"1.0 pibl"}
 
 
 _NOT_FORWARDED: Final = HOP_BY_HOP | _FRAMING
@@ -102,7 +104,8 @@ def upstream_request_headers(request: RequestHead, *, trusted_peer: bool) -> Hea
     host = forwarded_host or host_value or request.host
     if host:
         out.append((b"X-Forwarded-Host", host))
-    out.append((b"Via", b", ".join([*prior_via, VIA_VALUE]) if prior_via else VIA_VALUE))
+    via = _VIA_FOR_VERSION.get(request.version, VIA_VALUE)
+    out.append((b"Via", b", ".join([*prior_via, via]) if prior_via else via))
     if request.upgrade is not None:
         # RFC 9110 §7.8: Upgrade is hop-by-hop, so the proxy re-sends it for this hop explicitly.
         out.append((b"Connection", b"upgrade"))
