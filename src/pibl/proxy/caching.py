@@ -272,12 +272,15 @@ class HttpCache:
         meta: StoredResponse,
         record: AccessRecord,
         status_value: bytes,
+        now: float | None = None,
     ) -> bool:
-        """Answer ``request`` from a stored response; returns whether to keep the connection.
+        """Answer ``request`` from a stored response as of ``now`` (default: the current
+        time); returns whether to keep the connection.
 
         Raises ``CorruptEntry`` before anything is written when the body fails its checks.
         """
-        now = time.time()
+        if now is None:
+            now = time.time()
         keep_open = request.keep_alive and cycle.body_done and down.app.keepalive_enabled
         connection = b"" if keep_open else b"close"
         if keep_open and request.version == "1.0":

@@ -169,9 +169,14 @@ class Pipeline:
 
     @staticmethod
     def _serve(
-        tx: Transaction, cache: HttpCache, entry: CacheEntry, meta: StoredResponse, status: bytes
+        tx: Transaction,
+        cache: HttpCache,
+        entry: CacheEntry,
+        meta: StoredResponse,
+        status: bytes,
+        now: float | None = None,
     ) -> bool:
-        return cache.serve(tx.down, tx.cycle, tx.head, entry, meta, tx.record, status)
+        return cache.serve(tx.down, tx.cycle, tx.head, entry, meta, tx.record, status, now)
 
     # -- phase 3: cache lookup, and what follows from it ---------------------------------------
     async def _through_cache(
@@ -235,7 +240,8 @@ class Pipeline:
             # served: a corrupt one raises instead and is counted as the miss it becomes.
             if decision.action is Action.FRESH:
                 status = cache_status(True, ttl=decision.ttl)
-                keep_open = self._serve(tx, cache, entry, entry.meta, status)
+                # Served as of the lookup's time: the Age sent is the one the decision saw.
+                keep_open = self._serve(tx, cache, entry, entry.meta, status, lookup.request_time)
                 cache.hits += 1
                 return keep_open
             if decision.action is Action.STALE_WHILE_REVALIDATE:
