@@ -420,9 +420,11 @@ class DownstreamConnection(asyncio.Protocol):
 
     def resume_with(self, future: asyncio.Future[None]) -> None:
         """Complete ``future`` and, if this connection's serving coroutine waits on it, run the
-        coroutine on at once instead of on the loop's next turn (the future's callbacks are
+        coroutine on at once instead of on the loop's next turn (a future's callbacks are
         scheduled, not called): a proxied request ends in the callback that read its
-        response's end. The caller must be in a state where that is safe."""
+        response's end. The rest of the request, and maybe the next ones, run before this
+        returns: call it last, from a protocol callback whose own work is done (an upstream
+        read fully parsed), never from inside the parser or the pipeline."""
         serving = self.task
         if isinstance(serving, Serving):
             serving.resume_with(future)
