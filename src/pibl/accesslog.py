@@ -242,7 +242,7 @@ def _time_iso(timestamp: float) -> str | None:
 _MILLIS: Final = tuple([format(i, "03d") for i in range(1000)])
 # "0.000" to "0.999": a duration under a second (nearly all) as a string already made.
 _UNDER_A_SECOND: Final = tuple(["0." + millis for millis in _MILLIS])
-# "100" to "599": a status code's text without formatting an int per line.
+# A status code's text (0 for "none yet", then 100 to 599) without formatting an int per line.
 _STATUS_TEXT: Final = tuple([str(status) for status in range(600)])
 
 

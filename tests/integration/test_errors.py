@@ -201,27 +201,17 @@ async def test_idle_keepalive_timeout_closes_connection() -> None:
             await client.aclose()
 
 
-async def test_slow_request_head_gets_408() -> None:
-    async with running_backends(count=1) as backends:
-        settings = make_settings(backends, server={"client_header_timeout": "0.2s"})
-        async with running_proxy(settings) as app:
-            client = await Client.connect(app.addresses[0])
-            await client.send(b"GET / HTTP/1.1\r\nHost: a\r\n")
-            response = await client.read_response()
-            assert response.status == 408
-            assert await client.is_closed()
-            await client.aclose()
-
-
-async def test_slow_head_of_a_second_request_on_a_kept_alive_connection_gets_408() -> None:
+@pytest.mark.parametrize("answered_before", [0, 1], ids=["first-request", "kept-alive"])
+async def test_slow_request_head_gets_408(answered_before: int) -> None:
     async with running_backends(count=1) as backends:
         settings = make_settings(
             backends, server={"client_header_timeout": "0.2s", "keepalive_timeout": "60s"}
         )
         async with running_proxy(settings) as app:
             client = await Client.connect(app.addresses[0])
-            assert (await client.request()).status == 200
-            await client.send(b"GET /second HTTP/1.1\r\nHost: a\r\n")
+            for _ in range(answered_before):
+                assert (await client.request()).status == 200
+            await client.send(b"GET / HTTP/1.1\r\nHost: a\r\n")
             response = await client.read_response()
             assert response.status == 408
             assert await client.is_closed()

@@ -285,18 +285,18 @@ def _qualified_fields(cc: CacheControl, name: str) -> set[bytes]:
 def request_cache_control(request: RequestHead) -> CacheControl:
     """The request's directives; ``Pragma: no-cache`` counts when there is no Cache-Control."""
     values: list[bytes] | None = None
-    pragma_no_cache = False
+    has_pragma = False
     for name, value in request.headers:  # one pass: most requests carry neither field
         size = len(name)
         if size == 13 and lower_name(name) == b"cache-control":
             if values is None:
                 values = []
             values.append(value)
-        elif size == 6 and lower_name(name) == b"pragma" and not pragma_no_cache:
-            pragma_no_cache = b"no-cache" in [t.strip().lower() for t in value.split(b",")]
+        elif size == 6 and lower_name(name) == b"pragma":
+            has_pragma = True
     if values is not None:
         return parse_cache_control(values)
-    if pragma_no_cache:
+    if has_pragma and b"no-cache" in header_tokens(request.headers, b"pragma"):
         return {"no-cache": None}  # RFC 7234 §5.4 (HTTP/1.0 clients)
     return {}
 
