@@ -411,12 +411,11 @@ class DownstreamConnection(asyncio.Protocol):
                 self.resume_reading()
         if self.stop_parsing and self.tunnel_sink is None:
             self.close()  # the client half-closed and everything was answered
-        elif self.is_closed:
-            pass
-        elif self._in_head:
-            self._time_head()  # the next request's head began arriving meanwhile
-        else:
-            self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
+        elif not self.is_closed:
+            if self._in_head:
+                self._time_head()  # the next request's head began arriving meanwhile
+            else:
+                self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
 
     def resume_with(self, future: asyncio.Future[None]) -> None:
         """Complete ``future`` and, if this connection's serving coroutine waits on it, run the
