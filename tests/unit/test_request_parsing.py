@@ -23,7 +23,7 @@ from pibl.config import ServerSettings
 from pibl.errors import status_for
 from pibl.http.framing import error_response
 from pibl.server.app import HEAD_READ_SLACK
-from pibl.server.downstream import DownstreamConnection, RequestCycle
+from pibl.server.downstream import DownstreamConnection, RequestCycle, WriteBatch
 
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -132,6 +132,7 @@ class FakeApp:
         self.connections: set[DownstreamConnection] = set()
         self.waiting: deque[DownstreamConnection] = deque()
         self.pipeline = RecordingPipeline()
+        self.write_batch = WriteBatch()
 
     def is_trusted(self, ip: str) -> bool:
         return False

@@ -22,7 +22,7 @@ from pibl.pool.pool import ConnectionPool
 from pibl.proxy.caching import HttpCache
 from pibl.proxy.pipeline import Pipeline
 from pibl.proxy.routing import Route, Router
-from pibl.server.downstream import DownstreamConnection
+from pibl.server.downstream import DownstreamConnection, WriteBatch
 from pibl.server.listener import Listener
 from pibl.server.redirect import HttpsRedirect
 from pibl.tls import (
@@ -171,6 +171,7 @@ class ProxyApp:
             self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
         )
         self.connections: set[DownstreamConnection] = set()
+        self.write_batch = WriteBatch()
         self.waiting: deque[DownstreamConnection] = deque()  # accepted beyond max_connections
         # Background parts (health checkers, the admin listener): started after the listeners,
         # closed before the pools.
