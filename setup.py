@@ -38,6 +38,7 @@ COMPILED_MODULES = [
     "proxy/retry.py",
     "proxy/rewrite.py",
     "server/downstream.py",
+    "writebatch.py",
 ]
 
 

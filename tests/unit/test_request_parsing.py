@@ -23,7 +23,8 @@ from pibl.config import ServerSettings
 from pibl.errors import status_for
 from pibl.http.framing import error_response
 from pibl.server.app import HEAD_READ_SLACK
-from pibl.server.downstream import DownstreamConnection, RequestCycle, WriteBatch
+from pibl.server.downstream import DownstreamConnection, RequestCycle
+from pibl.writebatch import WriteBatch
 
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 

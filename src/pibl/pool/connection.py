@@ -15,6 +15,7 @@ import httptools
 
 from pibl.deadline import Deadline
 from pibl.http.head import Headers, ResponseHead, length_mask, lower_name
+from pibl.writebatch import HeldOutput, WriteBatch
 
 # Bytes of response head (interim 1xx heads included) an upstream may send before its final
 # head is complete; beyond it the response is refused (502). llhttp sets no bound of its own,
@@ -49,6 +50,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_batch",
         "_body_until_close",
         "_got_bytes",
         "_head_bytes",
@@ -60,6 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "is_reusable",
         "last_activity",
+        "output",
         "reading",
         "requests_served",
         "sink",
@@ -69,8 +72,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # _state: "idle" between exchanges, "head" waiting for a response head, "body" receiving a
     # body, "tunnel" after a 101, "closed".
-    def __init__(self) -> None:
+    def __init__(self, batch: WriteBatch | None = None) -> None:
+        """``batch``: where writes are held until the end of the loop's turn (None: written
+        at once)."""
         self.transport: asyncio.Transport | None = None
+        self._batch = batch
+        self.output: HeldOutput | None = None
         self.sink: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._state = "idle"
@@ -110,16 +117,25 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_until_close = False
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self.writelines([data])
 
     def writelines(self, data: list[bytes]) -> None:
+        """Send ``data`` (taken over: the caller must not change the list), held until the end
+        of the loop's turn if the connection has a batch."""
         assert self.transport is not None
-        self.transport.writelines(data)
+        if self.output is not None:
+            self.output.writelines(data)
+        else:
+            self.transport.writelines(data)
 
-    def write_eof(self) -> None:
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
+    def write_eof(self) -> bool:
+        """Half-close after what was written; False if the transport cannot (TLS)."""
+        if self.transport is None or not self.transport.can_write_eof():
+            return False
+        if self.output is not None:
+            self.output.flush()
+        self.transport.write_eof()
+        return True
 
     def finish(self) -> None:
         """The exchange is over; the pool decides whether to keep the connection."""
@@ -135,11 +151,15 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.is_reusable = False
         if self.transport is not None and self._state != "closed":
+            if self.output is not None:
+                self.output.flush()  # what was written goes out before the FIN
             self.transport.close()
         self._state = "closed"
 
     def abort(self) -> None:
         self.is_reusable = False
+        if self.output is not None:
+            self.output.drop()
         if self.transport is not None:
             self.transport.abort()
         self._state = "closed"
@@ -156,6 +176,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without inheriting from it.
         self.transport = cast(asyncio.Transport, transport)
+        if self._batch is not None:
+            self.output = HeldOutput(self.transport, self._batch)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -202,6 +224,8 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.output is not None:
+            self.output.drop()
         if self.timer is not None:
             self.timer.close()
         state = self._state

@@ -17,6 +17,7 @@ from pibl.deadline import within
 from pibl.errors import UpstreamConnectError, caused_by
 from pibl.pool.connection import UpstreamConnection
 from pibl.tls import UpstreamTLS
+from pibl.writebatch import WriteBatch
 
 
 class ConnectionPool:
@@ -28,9 +29,13 @@ class ConnectionPool:
         idle_timeout: float = 60.0,
         connect_timeout: float = 5.0,
         tls: UpstreamTLS | None = None,
+        batch: WriteBatch | None = None,
     ) -> None:
+        """``batch``: where the connections hold their writes until the end of the loop's
+        turn (``pibl.writebatch``); None writes at once."""
         self.address = address
         self.tls = tls
+        self.batch = batch
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -63,11 +68,11 @@ class ConnectionPool:
         tls = self.tls
         if tls is None:
             opening = loop.create_connection(
-                UpstreamConnection, self.address.host, self.address.port
+                self._new_connection, self.address.host, self.address.port
             )
         else:
             opening = loop.create_connection(
-                UpstreamConnection,
+                self._new_connection,
                 self.address.host,
                 self.address.port,
                 ssl=tls.context,
@@ -101,6 +106,9 @@ class ConnectionPool:
         self.active += 1
         self.connects += 1
         return conn
+
+    def _new_connection(self) -> UpstreamConnection:
+        return UpstreamConnection(self.batch)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return ``conn`` after its exchange; it is kept only if its message ended cleanly."""

@@ -395,10 +395,7 @@ class Exchange:
     def _tunnel_down_eof(self) -> None:
         # The client half-closed: pass it on where the upstream transport can (plain TCP; the
         # upstream's close then ends the tunnel), else close the upstream side (TLS).
-        transport = self.conn.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-        else:
+        if not self.conn.write_eof():
             self.conn.close()
 
     def on_tunnel_data(self, data: bytes) -> None:

@@ -22,7 +22,7 @@ from pibl.pool.pool import ConnectionPool
 from pibl.proxy.caching import HttpCache
 from pibl.proxy.pipeline import Pipeline
 from pibl.proxy.routing import Route, Router
-from pibl.server.downstream import DownstreamConnection, WriteBatch
+from pibl.server.downstream import DownstreamConnection
 from pibl.server.listener import Listener
 from pibl.server.redirect import HttpsRedirect
 from pibl.tls import (
@@ -33,6 +33,7 @@ from pibl.tls import (
     load_certificate,
     upstream_tls,
 )
+from pibl.writebatch import WriteBatch
 
 if TYPE_CHECKING:
     from pibl.admin.cluster import ClusterSpec
@@ -48,9 +49,12 @@ def build_group(
     settings: UpstreamSettings,
     connect_timeout: float,
     reusable_pools: dict[str, ConnectionPool] | None = None,
+    *,
+    batch: WriteBatch | None = None,
 ) -> UpstreamGroup:
     """A group from settings; ``reusable_pools`` (by server key) keeps warm keep-alive pools
-    across a reload when a server's pool settings did not change."""
+    across a reload when a server's pool settings did not change. ``batch``: where new
+    upstream connections hold their writes (none: written at once)."""
     upstreams = [
         Upstream(entry.address, entry.weight, max_connections=entry.max_connections)
         for entry in settings.servers
@@ -73,6 +77,7 @@ def build_group(
                 idle_timeout=settings.keepalive_timeout,
                 connect_timeout=connect_timeout,
                 tls=tls,
+                batch=batch,
             )
         else:
             pool.tls = tls  # same settings; new connections use the freshly read CA file
@@ -151,8 +156,11 @@ class ProxyApp:
         self.settings = settings
         server = settings.server
         self._apply_server_settings(settings)
+        # Output to clients and upstreams, held for the end of each loop turn.
+        self.write_batch = WriteBatch()
         self.groups = {
-            name: build_group(up, server.connect_timeout) for name, up in settings.upstreams.items()
+            name: build_group(up, server.connect_timeout, batch=self.write_batch)
+            for name, up in settings.upstreams.items()
         }
         self.router = build_router(settings, self.groups)
         if access_log is None:
@@ -171,7 +179,6 @@ class ProxyApp:
             self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
         )
         self.connections: set[DownstreamConnection] = set()
-        self.write_batch = WriteBatch()
         self.waiting: deque[DownstreamConnection] = deque()  # accepted beyond max_connections
         # Background parts (health checkers, the admin listener): started after the listeners,
         # closed before the pools.
@@ -237,7 +244,7 @@ class ProxyApp:
             key: pool for group in self.groups.values() for key, pool in group.pools.items()
         }
         groups = {
-            name: build_group(up, settings.server.connect_timeout, reusable)
+            name: build_group(up, settings.server.connect_timeout, reusable, batch=self.write_batch)
             for name, up in settings.upstreams.items()
         }
         router = build_router(settings, groups)

@@ -24,6 +24,7 @@ from pibl.errors import ProtocolError
 from pibl.http.framing import error_response
 from pibl.http.head import Headers, RequestHead
 from pibl.http.validate import validate_request_head
+from pibl.writebatch import HeldOutput
 
 if TYPE_CHECKING:
     from pibl.config import ServerSettings
@@ -36,9 +37,6 @@ log: Final = logging.getLogger("pibl.server")
 BODY_BUFFER_BYTES: Final = 256 * 1024
 # Pipelined requests queued beyond this pause reading (nginx and HAProxy bound them too).
 MAX_PIPELINED: Final = 16
-# Output held for the end of the loop's turn (see ``WriteBatch``) is written at once when it
-# reaches this much: large bodies stream as they come, and back-pressure stays immediate.
-HOLD_OUTPUT_BELOW: Final = 64 * 1024
 
 
 class RequestCycle:
@@ -98,41 +96,9 @@ class RequestCycle:
         self._on_end = None
 
 
-class WriteBatch:
-    """Responses written while the loop runs one turn's callbacks, sent together after them.
-
-    A connection's output is held (``DownstreamConnection.writelines``) and handed to its
-    transport, one ``writev`` per connection as before, once this turn's callbacks have run:
-    the sends then follow one another instead of alternating with request work. Over loopback
-    each send wakes the client if it sleeps; sent back to back, one wake-up finds several
-    answers ready, and the proxy keeps its CPU (Netty's ``FlushConsolidationHandler`` exists
-    for the same reason; ``bench/README.md`` has the figures). A lone request waits no longer
-    than the rest of its turn. One batch per event loop: the ``ProxyApp``'s.
-    """
-
-    __slots__ = ("_held",)
-
-    def __init__(self) -> None:
-        self._held: list[DownstreamConnection] = []
-
-    def hold(self, conn: DownstreamConnection) -> None:
-        if not self._held:
-            # A callback scheduled now runs after this turn's I/O callbacks (uvloop and
-            # asyncio both run the ready queue after polling).
-            conn.loop.call_soon(self.flush)
-        self._held.append(conn)
-
-    def flush(self) -> None:
-        held = self._held
-        self._held = []
-        for conn in held:
-            conn.flush()
-
-
 class DownstreamConnection(asyncio.Protocol):
     def __init__(self, app: ProxyApp) -> None:
         self.app = app
-        self.batch: WriteBatch = app.write_batch
         self.limits = app.limits
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -171,13 +137,13 @@ class DownstreamConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._header_count = 0
         self._stalled_bytes = 0  # fed since the body last made progress (chunk metadata, trailers)
-        self._output: list[bytes] | None = None  # written, held until the batch is flushed
-        self._output_size = 0
+        self.output: HeldOutput | None = None  # every write, held for the end of the turn
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without inheriting from it.
         self.transport = cast(asyncio.Transport, transport)
+        self.output = HeldOutput(self.transport, self.app.write_batch)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
@@ -274,6 +240,8 @@ class DownstreamConnection(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection from %s closed%s", self.client_addr, f": {exc}" if exc else "")
         self.is_closed = True
+        if self.output is not None:
+            self.output.drop()
         self._deadline.close()
         if self._write_timer is not None:
             self._write_timer.cancel()
@@ -468,42 +436,23 @@ class DownstreamConnection(asyncio.Protocol):
             future.set_result(None)
 
     def write(self, data: bytes) -> None:
-        """Send ``data`` at the end of this loop turn (``WriteBatch``), or now if the output
-        held reaches ``HOLD_OUTPUT_BELOW``. Order is kept: all output goes through here."""
+        """Send ``data`` once this turn's callbacks have run (``pibl.writebatch``)."""
         self.writelines([data])
 
     def writelines(self, data: list[bytes]) -> None:
         """As ``write``; takes ``data`` over (the caller must not change the list)."""
-        if self.transport is None or self.is_closed:
-            return
-        size = self._output_size
-        for piece in data:
-            size += len(piece)
-        output = self._output
-        if output is None:
-            if size >= HOLD_OUTPUT_BELOW:
-                self.transport.writelines(data)
-                return
-            self._output = data
-            self._output_size = size
-            self.batch.hold(self)
-        else:
-            output.extend(data)
-            self._output_size = size
-            if size >= HOLD_OUTPUT_BELOW:
-                self.flush()
+        output = self.output
+        if output is not None and not self.is_closed:
+            output.writelines(data)
 
     def flush(self) -> None:
-        """Hand the output held so far to the transport."""
-        output = self._output
-        if output is not None:
-            self._output = None
-            self._output_size = 0
-            if self.transport is not None and not self.is_closed:
-                self.transport.writelines(output)
+        """Hand the output held so far to the transport now."""
+        if self.output is not None:
+            self.output.flush()
 
     def close(self) -> None:
-        self.flush()  # what was written goes out before the FIN
+        if self.output is not None and not self.is_closed:
+            self.output.flush()  # what was written goes out before the FIN
         self.is_closed = True
         self._cancel_timer()
         if self.transport is not None:
@@ -511,6 +460,8 @@ class DownstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.is_closed = True
+        if self.output is not None:
+            self.output.drop()
         self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
