@@ -100,6 +100,13 @@ class DownstreamConnection(asyncio.Protocol):
     def __init__(self, app: ProxyApp) -> None:
         self.app = app
         self.limits = app.limits
+        # The limits read on every request, as plain fields (ServerSettings is an interpreted
+        # dataclass: each read would be a generic attribute lookup).
+        self._max_request_line = self.limits.max_request_line
+        self._max_header_size = self.limits.max_header_size
+        self._max_header_count = self.limits.max_header_count
+        self._max_body_size = self.limits.max_body_size
+        self._keepalive_timeout = self.limits.keepalive_timeout
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
@@ -284,7 +291,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.limits.max_request_line:
+        if len(self._url) > self._max_request_line:
             raise ProtocolError("request line too long", 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -292,8 +299,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         self._header_count += 1
         if (
-            self._header_bytes > self.limits.max_header_size
-            or self._header_count > self.limits.max_header_count
+            self._header_bytes > self._max_header_size
+            or self._header_count > self._max_header_count
         ):
             raise ProtocolError("request header fields too large", 431)
         if self._in_head:
@@ -310,7 +317,7 @@ class DownstreamConnection(asyncio.Protocol):
             parser.get_http_version(),
             self._headers,
             keep_alive=parser.should_keep_alive(),
-            max_body_size=self.limits.max_body_size,
+            max_body_size=self._max_body_size,
         )
         head.client_ip = self.client_ip
         head.scheme = self.scheme
@@ -333,7 +340,7 @@ class DownstreamConnection(asyncio.Protocol):
         if cycle is None:
             return
         cycle.feed(body)
-        max_body = self.limits.max_body_size
+        max_body = self._max_body_size
         if max_body and cycle.body_received > max_body:
             raise ProtocolError("request body too large", 413)
         if cycle.buffered > BODY_BUFFER_BYTES:
@@ -407,7 +414,12 @@ class DownstreamConnection(asyncio.Protocol):
     async def _serve_queued(self) -> None:
         while self.queue and not self.is_closed:
             cycle = self.queue[0]
-            keep_open = await (self.handler or self.app.pipeline.handle)(self, cycle)
+            handler = self.handler
+            if handler is None:
+                # A direct call of the compiled method: no bound method, no argument parsing.
+                keep_open = await self.app.pipeline.handle(self, cycle)
+            else:
+                keep_open = await handler(self, cycle)
             self.queue.popleft()
             if not keep_open or self.is_closed:
                 self.close()
@@ -420,7 +432,7 @@ class DownstreamConnection(asyncio.Protocol):
             if self._in_head:
                 self._time_head()  # the next request's head began arriving meanwhile
             else:
-                self._arm(self.limits.keepalive_timeout, self._on_idle_timeout)
+                self._arm(self._keepalive_timeout, self._on_idle_timeout)
 
     def resume_with(self, future: asyncio.Future[None]) -> None:
         """Complete ``future`` and, if this connection's serving coroutine waits on it, run the
