@@ -396,7 +396,20 @@ class DownstreamConnection(asyncio.Protocol):
     async def _serve_forever(self) -> None:
         try:
             while not self.is_closed:
-                await self._serve_queued()
+                # The queue is served here, not in a coroutine of its own: one coroutine object
+                # per request less (a request's ``handle`` is the only one made).
+                while self.queue and not self.is_closed:
+                    cycle = self.queue[0]
+                    handler = self.handler
+                    if handler is None:
+                        # A direct call of the compiled method: no bound method, no parsing of
+                        # arguments.
+                        keep_open = await self.app.pipeline.handle(self, cycle)
+                    else:
+                        keep_open = await handler(self, cycle)
+                    if not self._answered(keep_open):
+                        return
+                self._drained()
                 if self.is_closed:
                     return
                 self.task = None
@@ -407,25 +420,31 @@ class DownstreamConnection(asyncio.Protocol):
 
     async def _serve(self) -> None:
         try:
-            await self._serve_queued()
+            while self.queue and not self.is_closed:
+                cycle = self.queue[0]
+                handler = self.handler
+                if handler is None:
+                    keep_open = await self.app.pipeline.handle(self, cycle)
+                else:
+                    keep_open = await handler(self, cycle)
+                if not self._answered(keep_open):
+                    return
+            self._drained()
         finally:
             self.task = None
 
-    async def _serve_queued(self) -> None:
-        while self.queue and not self.is_closed:
-            cycle = self.queue[0]
-            handler = self.handler
-            if handler is None:
-                # A direct call of the compiled method: no bound method, no argument parsing.
-                keep_open = await self.app.pipeline.handle(self, cycle)
-            else:
-                keep_open = await handler(self, cycle)
-            self.queue.popleft()
-            if not keep_open or self.is_closed:
-                self.close()
-                return
-            if self.reading_paused and len(self.queue) <= MAX_PIPELINED:
-                self.resume_reading()
+    def _answered(self, keep_open: bool) -> bool:
+        """The request at the head of the queue has its answer: returns whether to go on."""
+        self.queue.popleft()
+        if not keep_open or self.is_closed:
+            self.close()
+            return False
+        if self.reading_paused and len(self.queue) <= MAX_PIPELINED:
+            self.resume_reading()
+        return True
+
+    def _drained(self) -> None:
+        """Everything queued was answered: close, or time what comes next."""
         if self.stop_parsing and self.tunnel_sink is None:
             self.close()  # the client half-closed and everything was answered
         elif not self.is_closed:
