@@ -14,15 +14,19 @@ from hypothesis import strategies as st
 from pibl.cache.key import make_key
 from pibl.cache.memory import MemoryEntry, MemoryStorage
 from pibl.cache.policy import (
+    _FRESH_HIT_STATUS,
+    _FRESH_HIT_STATUS_ENTRIES,
     DELTA_SECONDS_MAX,
     StoredResponse,
     _has_validators,
     age_header,
+    age_seconds,
     cache_status,
     client_conditional_matches,
     current_age,
     decide,
     format_http_date,
+    fresh_hit_status,
     freshness_lifetime,
     response_cache_control,
     without_surrogate_control,
@@ -247,6 +251,28 @@ def test_invalid_age_stays_very_old_at_any_time() -> None:
 def test_short_cache_status_equals_the_general_one(hit: bool, ttl: float | None) -> None:
     general = cache_status(hit, ttl=ttl, name="xpibl").replace(b"xpibl", b"pibl", 1)
     assert cache_status(hit, ttl=ttl) == general
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(-(10**18), 10**18), st.floats(-1e20, 1e20, allow_nan=False)),
+        max_size=20,
+    )
+)
+def test_remembered_fresh_hit_status_equals_the_built_one(ttls: list[float]) -> None:
+    for ttl in ttls:  # in any order, repeated or not, remembered or not
+        assert fresh_hit_status(ttl) == cache_status(True, ttl=ttl)
+
+
+def test_fresh_hit_statuses_are_remembered_within_a_bound() -> None:
+    for ttl in range(3 * _FRESH_HIT_STATUS_ENTRIES):
+        assert fresh_hit_status(ttl + 0.5) == b"pibl; hit; ttl=%d" % ttl
+        assert len(_FRESH_HIT_STATUS) <= _FRESH_HIT_STATUS_ENTRIES
+
+
+@given(st.floats(-1e12, 1e12, allow_nan=False))
+def test_age_seconds_is_what_age_header_sends(age: float) -> None:
+    assert str(age_seconds(age)).encode() == age_header(age)
 
 
 _REQUEST_FIELD = st.tuples(

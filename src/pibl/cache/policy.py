@@ -867,10 +867,10 @@ class StoredResponse:
     _facts: ResponseFacts | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
-    # The last whole head served from this entry and what it was built from: (Age value,
-    # Cache-Status value, Connection value, Content-Length, head). Hits within the same second
-    # share it (see ``proxy.caching``).
-    served_head: tuple[bytes, bytes, bytes, int, bytes] | None = dataclasses.field(
+    # The last whole head served from this entry and what it was built from: (Age in whole
+    # seconds, Cache-Status value, Connection value, Content-Length, head). Hits within the
+    # same second share it (see ``proxy.caching``).
+    served_head: tuple[int, bytes, bytes, int, bytes] | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -1367,7 +1367,12 @@ def invalidation_targets(
 
 def age_header(age: float) -> bytes:
     """§5.1: whole seconds; capped at 2^31 (§1.2.2)."""
-    return str(min(max(int(age), 0), DELTA_SECONDS_MAX)).encode("ascii")
+    return str(age_seconds(age)).encode("ascii")
+
+
+def age_seconds(age: float) -> int:
+    """The whole seconds ``age_header`` sends for ``age``."""
+    return min(max(int(age), 0), DELTA_SECONDS_MAX)
 
 
 _SF_TOKEN: Final = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*", re.ASCII)
@@ -1379,6 +1384,23 @@ def _sf_item(value: str) -> str:
         return value
     chars = (c if " " <= c <= "~" else "?" for c in value)
     return '"' + "".join("\\" + c if c in '\\"' else c for c in chars) + '"'
+
+
+# Every fresh hit sends ``pibl; hit; ttl=N``: built once per N (a hot URL's ttl counts down
+# through the same values for every hit within a second), bounded like any memo.
+_FRESH_HIT_STATUS: Final[dict[int, bytes]] = {}
+_FRESH_HIT_STATUS_ENTRIES: Final = 4096
+
+
+def fresh_hit_status(ttl: float) -> bytes:
+    """``cache_status(True, ttl=ttl)``, remembered per whole ttl."""
+    seconds = int(ttl)
+    status = _FRESH_HIT_STATUS.get(seconds)
+    if status is None:
+        if len(_FRESH_HIT_STATUS) >= _FRESH_HIT_STATUS_ENTRIES:
+            _FRESH_HIT_STATUS.clear()
+        status = _FRESH_HIT_STATUS[seconds] = cache_status(True, ttl=seconds)
+    return status
 
 
 def cache_status(

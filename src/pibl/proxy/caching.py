@@ -19,7 +19,7 @@ from pibl.cache.policy import (
     Action,
     Decision,
     StoredResponse,
-    age_header,
+    age_seconds,
     cache_status,
     client_conditional_matches,
     decide,
@@ -381,7 +381,7 @@ def _served_head(
     """``_whole_head`` with PIBL's fields, reused while the values it was built from hold:
     Age and the ttl in Cache-Status change once a second, so the hits in between send the
     same bytes."""
-    age = age_header(meta.current_age(now))
+    age = age_seconds(meta.current_age(now))
     last = meta.served_head
     if (
         last is not None
@@ -391,7 +391,8 @@ def _served_head(
         and last[3] == length
     ):
         return last[4]
-    head = _whole_head(meta, age, length, _own_fields(status_value, connection))
+    own = _own_fields(status_value, connection)
+    head = _whole_head(meta, str(age).encode("ascii"), length, own)
     object.__setattr__(meta, "served_head", (age, status_value, connection, length, head))
     return head
 

@@ -22,6 +22,7 @@ from pibl.cache.policy import (
     Action,
     StoredResponse,
     cache_status,
+    fresh_hit_status,
     invalidation_targets,
     only_if_cached,
     stale_if_error_allowed,
@@ -239,7 +240,7 @@ class Pipeline:
             # Counted, and the revalidation started, only once the stored response was
             # served: a corrupt one raises instead and is counted as the miss it becomes.
             if decision.action is Action.FRESH:
-                status = cache_status(True, ttl=decision.ttl)
+                status = fresh_hit_status(decision.ttl)
                 # Served as of the lookup's time: the Age sent is the one the decision saw.
                 keep_open = self._serve(tx, cache, entry, entry.meta, status, lookup.request_time)
                 cache.hits += 1
