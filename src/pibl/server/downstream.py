@@ -419,6 +419,9 @@ class DownstreamConnection(asyncio.Protocol):
             self._serving = None
 
     async def _serve(self) -> None:
+        """The Task that serves a busy period when the pipeline is not eager: the loop of
+        ``_serve_forever`` without parking (kept inline there, where it saves a coroutine
+        per busy period)."""
         try:
             while self.queue and not self.is_closed:
                 cycle = self.queue[0]
