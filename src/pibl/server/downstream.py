@@ -479,11 +479,6 @@ class DownstreamConnection(asyncio.Protocol):
         if output is not None and not self.is_closed:
             output.writelines(data)
 
-    def flush(self) -> None:
-        """Hand the output held so far to the transport now."""
-        if self.output is not None:
-            self.output.flush()
-
     def close(self) -> None:
         if self.output is not None and not self.is_closed:
             self.output.flush()  # what was written goes out before the FIN
