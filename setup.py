@@ -24,6 +24,7 @@ COMPILED_MODULES = [
     "cache/policy.py",
     "cache/ranges.py",
     "cache/storage.py",
+    "clock.py",
     "deadline.py",
     "errors.py",
     "http/framing.py",

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from pibl.clock import TurnClock
 from pibl.config import ServerSettings
 from pibl.errors import status_for
 from pibl.http.framing import error_response
@@ -134,6 +135,7 @@ class FakeApp:
         self.waiting: deque[DownstreamConnection] = deque()
         self.pipeline = RecordingPipeline()
         self.write_batch = WriteBatch()
+        self.clock = TurnClock()
 
     def is_trusted(self, ip: str) -> bool:
         return False

@@ -227,17 +227,17 @@ class HttpCache:
             key = self._keys[memo] = make_key(request)
         return key
 
-    def lookup_now(self, request: RequestHead) -> Lookup:
+    def lookup_now(self, request: RequestHead, now: float) -> Lookup:
         """``lookup`` for a storage that answers at once (``answers_now``), without a
-        coroutine."""
+        coroutine; ``now`` is the current ``time.time()``."""
         lookup_now = self._lookup_now
         assert lookup_now is not None
-        lookup = Lookup(self.key_for(request), time.time())
+        lookup = Lookup(self.key_for(request), now)
         return _decide(lookup, lookup_now(lookup.key), request)
 
     async def lookup(self, request: RequestHead) -> Lookup:
         if self._lookup_now is not None:
-            return self.lookup_now(request)
+            return self.lookup_now(request, time.time())
         lookup = Lookup(self.key_for(request), time.time())
         return _decide(lookup, await self.storage.lookup(lookup.key), request)
 

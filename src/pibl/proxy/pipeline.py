@@ -28,6 +28,7 @@ from pibl.cache.policy import (
     stale_if_error_allowed,
 )
 from pibl.cache.storage import CacheEntry, CorruptEntry
+from pibl.clock import TurnClock
 from pibl.errors import (
     ClientDisconnected,
     NoUpstreamAvailable,
@@ -99,11 +100,13 @@ class Pipeline:
         *,
         read_timeout: float,
         cache: HttpCache | None = None,
+        clock: TurnClock | None = None,
     ) -> None:
         self.router = router
         self.access_log = access_log
         self.read_timeout = read_timeout
         self.cache = cache
+        self.clock = clock if clock is not None else TurnClock()
         # Called with every finished request's record (metrics, stats), after the access log.
         self.record_observers: list[Callable[[AccessRecord], None]] = []
         # Whether requests may run without an asyncio Task (see
@@ -141,7 +144,7 @@ class Pipeline:
                 if cache.answers_now and head.method in CACHEABLE_METHODS:
                     # A hit from a storage that answers at once is served here, with no
                     # coroutine of the general path below: most cached requests end here.
-                    lookup = cache.lookup_now(head)
+                    lookup = cache.lookup_now(head, self.clock.now())
                     answered = self._answer_stored(tx, cache, lookup, corrupt_ok=True)
                 if answered is None:
                     answered = await self._through_cache(tx, cache, lookup)
@@ -156,7 +159,7 @@ class Pipeline:
             keep_open = self._answer_error(down, cycle, record, InternalError(str(error)))
         finally:
             # phase 10: log exactly once, whatever happened.
-            record.total_time = time.time() - cycle.start_time
+            record.total_time = self.clock.now() - cycle.start_time
             record.bytes_received = cycle.body_received
             self.access_log.log(record)
             for observe in self.record_observers:
@@ -346,7 +349,7 @@ class Pipeline:
             [(n, v) for n, v in tx.head.headers if lower_name(n) not in _CLIENT_CONDITIONALS]
         )
         plain.method = "GET"
-        cycle = RequestCycle(plain)
+        cycle = RequestCycle(plain, time.time())
         background_lookup = Lookup(lookup.key, time.time())
         background_lookup.entry = entry
         background_lookup.decision = lookup.decision

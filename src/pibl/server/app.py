@@ -16,6 +16,7 @@ from pibl.balancer.group import UpstreamGroup
 from pibl.balancer.strategies import make_strategy
 from pibl.balancer.upstream import Address, Upstream
 from pibl.cache.storage import make_storage
+from pibl.clock import TurnClock
 from pibl.config import Settings, TlsSettings, UpstreamSettings
 from pibl.errors import ConfigError
 from pibl.pool.pool import ConnectionPool
@@ -158,6 +159,7 @@ class ProxyApp:
         self._apply_server_settings(settings)
         # Output to clients and upstreams, held for the end of each loop turn.
         self.write_batch = WriteBatch()
+        self.clock = TurnClock()  # wall-clock time, read once per loop turn
         self.groups = {
             name: build_group(up, server.connect_timeout, batch=self.write_batch)
             for name, up in settings.upstreams.items()
@@ -176,7 +178,11 @@ class ProxyApp:
                 max_object_size=settings.cache.max_object_size,
             )
         self.pipeline = Pipeline(
-            self.router, access_log, read_timeout=server.read_timeout, cache=self.cache
+            self.router,
+            access_log,
+            read_timeout=server.read_timeout,
+            cache=self.cache,
+            clock=self.clock,
         )
         self.connections: set[DownstreamConnection] = set()
         self.waiting: deque[DownstreamConnection] = deque()  # accepted beyond max_connections

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
+from pibl.clock import TurnClock
 from pibl.deadline import Deadline
 from pibl.errors import ProtocolError
 from pibl.http.framing import error_response
@@ -55,11 +55,13 @@ class RequestCycle:
         "start_time",
     )
 
-    def __init__(self, head: RequestHead | None, error: ProtocolError | None = None) -> None:
+    def __init__(
+        self, head: RequestHead | None, start_time: float, error: ProtocolError | None = None
+    ) -> None:
         self.head = head
         self.error = error
         self.response_started = False
-        self.start_time = time.time()
+        self.start_time = start_time  # time.time() when the head was read (wall clock)
         self.body_chunks: list[bytes] = []
         self.buffered = 0
         self.body_received = 0
@@ -107,6 +109,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._max_header_count = self.limits.max_header_count
         self._max_body_size = self.limits.max_body_size
         self._keepalive_timeout = self.limits.keepalive_timeout
+        self._clock: TurnClock = app.clock  # the request's start time
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
@@ -321,7 +324,7 @@ class DownstreamConnection(asyncio.Protocol):
         )
         head.client_ip = self.client_ip
         head.scheme = self.scheme
-        cycle = RequestCycle(head)
+        cycle = RequestCycle(head, self._clock.now())
         self.receiving = cycle
         if self.task is None and not self.queue:
             self._cancel_timer()
@@ -521,7 +524,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.receiving = None
             if receiving in self.queue:
                 return
-        self.queue.append(RequestCycle(None, error))
+        self.queue.append(RequestCycle(None, self._clock.now(), error))
         if self.task is None:
             self._start_serving()
 
