@@ -118,7 +118,12 @@ class DownstreamConnection(asyncio.Protocol):
         self.is_trusted = False
         # Answers each request instead of the proxy pipeline (a listener's redirect_http).
         self.handler: Callable[[DownstreamConnection, RequestCycle], Awaitable[bool]] | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        parser = self.parser = httptools.HttpRequestParser(self)
+        # Bound once: a call by name on the Cython parser looks the method up on its type.
+        self._feed_data: Callable[[bytes], None] = parser.feed_data
+        self._get_method: Callable[[], bytes] = parser.get_method
+        self._get_http_version: Callable[[], str] = parser.get_http_version
+        self._should_keep_alive: Callable[[], bool] = parser.should_keep_alive
         self.queue: deque[RequestCycle] = deque()
         self.receiving: RequestCycle | None = None
         # What is answering requests now (None when nothing is queued): the serving coroutine's
@@ -201,7 +206,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_bytes = self._head_bytes + len(data) if self._in_head else len(data)
         self._stalled_bytes += len(data)
         try:
-            self.parser.feed_data(data)
+            self._feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
             # Bytes after an Upgrade request belong to the new protocol, if the upstream agrees.
@@ -313,13 +318,12 @@ class DownstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        parser = self.parser
         head = validate_request_head(
-            parser.get_method().decode("ascii"),
+            self._get_method().decode("ascii"),
             self._url,
-            parser.get_http_version(),
+            self._get_http_version(),
             self._headers,
-            keep_alive=parser.should_keep_alive(),
+            keep_alive=self._should_keep_alive(),
             max_body_size=self._max_body_size,
         )
         head.client_ip = self.client_ip
