@@ -1093,38 +1093,50 @@ def decide(
     age = entry.current_age(now)
     ttl = entry.freshness_lifetime(shared=shared) - age
     directives = request_cache_control(request)
-    oic = "only-if-cached" in directives
-    req = directives if honor_request else {}
-    revalidate = Action.STALE_REVALIDATE if entry.has_validators else Action.MUST_FORWARD
+    oic = bool(directives) and "only-if-cached" in directives
+    # Nearly every request has no directives: the checks of the request's own are skipped.
+    req = directives if honor_request else _NO_DIRECTIVES
 
     if request.method not in ("GET", "HEAD"):
-        return Decision(Action.MUST_FORWARD, age, ttl, "method", oic)
+        return Decision(_MUST_FORWARD, age, ttl, "method", oic)
     if not vary_matches(entry.vary, request):
-        return Decision(Action.MUST_FORWARD, age, ttl, "vary-miss", oic)
-    if "no-cache" in req:  # §5.2.1.4
-        return Decision(revalidate, age, ttl, "request", oic)
+        return Decision(_MUST_FORWARD, age, ttl, "vary-miss", oic)
+    if req and "no-cache" in req:  # §5.2.1.4
+        return Decision(_revalidation(entry), age, ttl, "request", oic)
     resp = entry.cache_control
     if _is_unqualified(resp, "no-cache"):  # §5.2.2.4: validate on every reuse
-        return Decision(revalidate, age, ttl, "stale", oic)
-    max_age = _delta(req.get("max-age"))
-    if max_age is not None and age > max_age:  # §5.2.1.1
-        return Decision(revalidate, age, ttl, "request", oic)
-    min_fresh = _delta(req.get("min-fresh"))
-    if min_fresh is not None and ttl < min_fresh:  # §5.2.1.3
-        return Decision(revalidate, age, ttl, "request", oic)
+        return Decision(_revalidation(entry), age, ttl, "stale", oic)
+    if req:
+        max_age = _delta(req.get("max-age"))
+        if max_age is not None and age > max_age:  # §5.2.1.1
+            return Decision(_revalidation(entry), age, ttl, "request", oic)
+        min_fresh = _delta(req.get("min-fresh"))
+        if min_fresh is not None and ttl < min_fresh:  # §5.2.1.3
+            return Decision(_revalidation(entry), age, ttl, "request", oic)
     if ttl > 0:  # §4.2: fresh iff freshness_lifetime > current_age
-        return Decision(Action.FRESH, age, ttl, None, oic)
+        return Decision(_FRESH, age, ttl, None, oic)
 
     staleness = -ttl
     if "max-stale" in req and not _forbids_stale(resp, shared, implied=True):  # §5.2.1.2
         limit = req["max-stale"]
         allowed = _delta(limit)
         if limit is None or (allowed is not None and staleness <= allowed):
-            return Decision(Action.FRESH, age, ttl, None, oic)
+            return Decision(_FRESH, age, ttl, None, oic)
     swr = _delta(resp.get("stale-while-revalidate"))
     if swr is not None and staleness <= swr and not _forbids_stale(resp, shared, implied=False):
         return Decision(Action.STALE_WHILE_REVALIDATE, age, ttl, "stale", oic)  # RFC 5861 §3
-    return Decision(revalidate, age, ttl, "stale", oic)
+    return Decision(_revalidation(entry), age, ttl, "stale", oic)
+
+
+# Read per decision: as final names they are compiled to plain loads, not class lookups.
+_FRESH: Final = Action.FRESH
+_MUST_FORWARD: Final = Action.MUST_FORWARD
+_NO_DIRECTIVES: Final[CacheControl] = {}
+
+
+def _revalidation(entry: StoredResponse) -> Action:
+    """How to go to the origin for ``entry``: conditionally when it has a validator (§4.3.1)."""
+    return Action.STALE_REVALIDATE if entry.has_validators else _MUST_FORWARD
 
 
 def stale_if_error_allowed(
