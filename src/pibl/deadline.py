@@ -28,10 +28,11 @@ SLACK: Final = 0.001
 
 
 class Deadline:
-    __slots__ = ("_callback", "_handle", "_horizon", "_loop", "_when", "deadline")
+    __slots__ = ("_callback", "_handle", "_horizon", "_loop", "_time", "_when", "deadline")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, horizon: float = 0.0) -> None:
         self._loop = loop
+        self._time = loop.time  # bound once: a call by name looks the method up each time
         self._horizon = horizon  # 0: the timer goes straight to the deadline
         self._handle: asyncio.TimerHandle | None = None
         self._when = 0.0
@@ -44,7 +45,7 @@ class Deadline:
 
     def set(self, delay: float, callback: Callable[[], None]) -> None:
         """Call ``callback`` in ``delay`` seconds, unless set again or cleared before then."""
-        deadline = self._loop.time() + delay
+        deadline = self._time() + delay
         self.deadline = deadline
         self._callback = callback
         handle = self._handle
@@ -67,7 +68,7 @@ class Deadline:
     def _schedule(self, deadline: float) -> None:
         when = deadline
         if self._horizon > 0:
-            when = min(deadline, self._loop.time() + self._horizon)
+            when = min(deadline, self._time() + self._horizon)
         self._when = when
         self._handle = self._loop.call_at(when, self._fire)
 
@@ -76,7 +77,7 @@ class Deadline:
         callback = self._callback
         if callback is None:
             return
-        if self.deadline - self._loop.time() > SLACK:
+        if self.deadline - self._time() > SLACK:
             self._schedule(self.deadline)
             return
         self._callback = None

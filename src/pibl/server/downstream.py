@@ -591,7 +591,17 @@ class Serving:
     Task.cancel does) and ``idle()``, a future for the next park or the end.
     """
 
-    __slots__ = ("_coro", "_done", "_idle", "_loop", "_on_crash", "_throw", "_waiting", "parked")
+    __slots__ = (
+        "_coro",
+        "_done",
+        "_idle",
+        "_loop",
+        "_on_crash",
+        "_send",
+        "_throw",
+        "_waiting",
+        "parked",
+    )
 
     def __init__(
         self,
@@ -600,6 +610,7 @@ class Serving:
         on_crash: Callable[[], None],
     ) -> None:
         self._coro = coro
+        self._send = coro.send  # bound once: a call by name looks the method up each time
         self._loop = loop
         self._on_crash = on_crash  # called, inside an except block, if the coroutine raises
         self._waiting: asyncio.Future[Any] | None = None
@@ -618,7 +629,7 @@ class Serving:
                 self._throw = None
                 yielded = coro.throw(error)
             else:
-                yielded = coro.send(None)
+                yielded = self._send(None)
         except StopIteration:
             return self._end()
         except asyncio.CancelledError:
