@@ -15,8 +15,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httptools
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from pibl.clock import TurnClock
@@ -441,6 +442,87 @@ async def test_pipelined_requests_parse_the_same_however_split(
             assert outcome.written == OK_RESPONSE * len(requests)
             assert not outcome.closed
     assert log == []
+
+
+@st.composite
+def versioned_stream(draw: st.DrawFn) -> bytes:
+    """Requests of HTTP/1.0 and 1.1, some lines ended by a bare LF, some after empty lines."""
+    stream = b""
+    for request in draw(st.lists(wire_request(), min_size=1, max_size=5)):
+        line, rest = request.raw.split(b" HTTP/1.1\r\n", 1)
+        version = b"1.1"
+        if b"Transfer-Encoding" not in rest and draw(st.booleans()):  # refused in 1.0 (400)
+            version = b"1.0"
+            rest = b"Connection: keep-alive\r\n" + rest  # so that the requests after it are read
+        ending = draw(st.sampled_from([b"\r\n"] * 5 + [b"\n"]))
+        stream += draw(st.sampled_from([b""] * 3 + [b"\r\n", b"\n", b"\r\n\r\n"]))
+        stream += line + b" HTTP/" + version + ending + rest
+    return stream
+
+
+class _VersionsSeen:
+    """What llhttp reports for each request head (the reference for the line-reading rule)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.versions: list[str] = []
+
+    def on_headers_complete(self) -> None:
+        self.versions.append(self.parser.get_http_version())
+
+
+@given(data=versioned_stream(), cuts=_cuts)
+@_FUZZ
+async def test_http_version_is_what_llhttp_reports_however_split(
+    data: bytes, cuts: list[int]
+) -> None:
+    # The version is read from the request line when a read holds it whole from its first byte
+    # (DownstreamConnection._http_version), else asked of llhttp: the two must agree.
+    reference = _VersionsSeen()
+    try:
+        reference.parser.feed_data(data)
+    except httptools.HttpParserError:
+        assume(False)  # a form llhttp refuses (a bare LF where it wants CRLF): nothing to compare
+    for split in (whole, bytewise, lambda d: split_at(d, cuts)):
+        harness = Harness()
+        try:
+            harness.feed(split(data))
+            await harness.settle()
+            heads = [c.head for c in harness.pipeline.cycles]
+            assert harness.pipeline.errors == []
+            assert [h.version for h in heads if h is not None] == reference.versions
+        finally:
+            await harness.aclose()
+    event("pipelined" if len(reference.versions) > 1 else "one request")
+
+
+async def test_http_version_of_a_line_read_whole_is_not_asked_of_llhttp() -> None:
+    harness = Harness()
+    asked: list[str] = []
+    ask = harness.conn._get_http_version
+
+    def counting() -> str:
+        asked.append(ask())
+        return asked[-1]
+
+    harness.conn._get_http_version = counting
+    try:
+        # Read whole from its first byte: from the line. The second of a read, and one whose
+        # line is split between reads: asked.
+        harness.feed([b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\nHost: h\r\n\r\n"])
+        harness.feed([b"GET /b HTTP/1.1\r\nHost: h\r\n\r\nGET /c HTTP/1.1\r\nHost: h\r\n\r\n"])
+        harness.feed([b"GET /d HT", b"TP/1.1\r\nHost: h\r\n\r\n"])
+        await harness.settle()
+        heads = [c.head for c in harness.pipeline.cycles]
+        assert [(h.target, h.version) for h in heads if h is not None] == [
+            (b"/a", "1.0"),
+            (b"/b", "1.1"),
+            (b"/c", "1.1"),
+            (b"/d", "1.1"),
+        ]
+        assert asked == ["1.1", "1.1"]
+    finally:
+        await harness.aclose()
 
 
 # --------------------------------------------------------------------------- examples
