@@ -9,14 +9,16 @@ the repetitions). Socket calls and the loop's polling are not in it; what is lef
 of a request plus uvloop's dispatch.
 
 ``hit``: a memory-cache hit of a 1 KiB response, stored first by a real request to a one-response
-backend started here. A hit is answered inside ``data_received``, with nothing awaited; its
-output, held for the end of the loop turn, is flushed after each request as the turn's end would.
+backend started here. A hit is answered inside ``data_received``, with nothing awaited. The
+requests come one to each of ``--per-turn`` connections (32) per loop turn, from callbacks, as a
+worker under ``wrk -c50`` reads about 33 requests per ``epoll_wait``; the answers, held for the
+end of the turn, are written when the turn ends, and what is done once per turn is shared.
 
 ``proxied``: a 1 KiB response (nginx's fields) proxied over pooled upstream connections whose
 transport answers every request on the next loop turn. Each request then takes three loop
 turns, driven by ``asyncio.sleep(0)``; the driver's own cost (about 2.6 µs here) is included.
 
-    .venv/bin/python bench/cpu_cost.py hit|proxied [--requests N] [--repeat R]
+    .venv/bin/python bench/cpu_cost.py hit|proxied [--requests N] [--repeat R] [--per-turn K]
 
 To compare with another build: ``PYTHONPATH=<its src> .venv/bin/python bench/cpu_cost.py ...``.
 """
