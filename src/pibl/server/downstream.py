@@ -118,8 +118,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.is_trusted = False
         # Answers each request instead of the proxy pipeline (a listener's redirect_http).
         self.handler: Callable[[DownstreamConnection, RequestCycle], Awaitable[bool]] | None = None
-        parser = self.parser = httptools.HttpRequestParser(self)
-        # Bound once: a call by name on the Cython parser looks the method up on its type.
+        parser = httptools.HttpRequestParser(self)
+        # Only these methods of the parser are used, bound once: a call by name on the Cython
+        # parser looks the method up on its type.
         self._feed_data: Callable[[bytes], None] = parser.feed_data
         self._get_method: Callable[[], bytes] = parser.get_method
         self._get_http_version: Callable[[], str] = parser.get_http_version
